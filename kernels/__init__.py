@@ -1,0 +1,1 @@
+"""Triton kernels with their PyTorch references and CPU paths (installed as specforge_mcore.kernels)."""

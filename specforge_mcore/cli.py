@@ -1,0 +1,61 @@
+"""``specforge-mcore <command>``: the one entry point.
+
+Each command lives in the module that owns its work and exposes ``add_arguments(parser)`` and
+``main(args) -> int``; this file only maps names to modules (imported lazily, so ``--help`` is fast and
+a command never pays for another's imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-target": ("specforge_mcore.target.prepare", "fetch/convert a real target (SmolLM2) into an HF directory"),
+    "verify-target": ("specforge_mcore.target.verify", "load a target in a TP/EP/PP layout and compare with HF transformers"),
+    "prepare-data": ("specforge_mcore.data.prepare", "tokenise conversations with the chat template and cache them"),
+    "build-vocab": ("specforge_mcore.data.vocab", "build the draft vocabulary (d2t/t2d) from loss-masked tokens"),
+    "train": ("specforge_mcore.train.cli", "train an EAGLE-3 draft against the frozen target"),
+    "export": ("specforge_mcore.export.cli", "write an SGLang or speculators checkpoint from a training checkpoint"),
+    "import-draft": ("specforge_mcore.export.importer", "turn an EAGLE-3 draft trained elsewhere into a checkpoint of ours"),
+    "eval": ("specforge_mcore.eval.cli", "speculative decoding with the exported draft: acceptance length, lossless check"),
+    "bench": ("specforge_mcore.bench.cli", "benchmarks: loss, projection, teacher, attention, train"),
+    "plan": ("specforge_mcore.train.plan", "per-rank memory plan of a run config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specforge-mcore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"specforge-mcore: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"specforge-mcore {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    from specforge_mcore.errors import UserError
+
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"specforge-mcore {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
