@@ -53,16 +53,25 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, threads: Optional[int] = None) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes; return their results.
+def spawn(fn: Callable, world_size: int, *args: Any, threads: Optional[int] = None,
+          start_method: Optional[str] = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results.
 
     ``fn`` must be importable (a module-level function). The environment variables torchrun would set
     are set, so ``init_distributed()`` inside ``fn`` joins a gloo group.
+
+    ``start_method``: "fork" (default on Linux when each rank gets one thread and the parent has no
+    process group) starts ranks in milliseconds with the parent's imports (torch + Megatron take ~10 s
+    per process to import); "spawn" starts clean interpreters. Single-threaded ranks never enter an
+    OpenMP parallel region, so forking after the parent used OpenMP is safe.
     """
     import torch.multiprocessing as mp
 
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
+    if start_method is None:
+        fork_ok = os.name == "posix" and threads == 1 and not dist.is_initialized() and not torch.cuda.is_initialized()
+        start_method = "fork" if fork_ok else "spawn"
     with tempfile.TemporaryDirectory(prefix="specforge_spawn_") as result_dir:
         try:
             mp.start_processes(
@@ -70,7 +79,7 @@ def spawn(fn: Callable, world_size: int, *args: Any, threads: Optional[int] = No
                 args=(fn, world_size, free_port(), result_dir, args, threads),
                 nprocs=world_size,
                 join=True,
-                start_method="spawn",
+                start_method=start_method,
             )
         except Exception as exc:
             errors = sorted(f for f in os.listdir(result_dir) if f.startswith("error_"))

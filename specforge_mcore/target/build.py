@@ -1,0 +1,282 @@
+"""Build this rank's piece of the frozen target: a Megatron-Core ``GPTModel`` from an HF ``config.json``.
+
+The layout (TP, PP, EP, expert-TP, SP) is checked against the model's sizes first, with errors that name
+the value and what would divide; then Megatron's process groups are created and the model for this
+pipeline stage is built with the local layer spec (or Transformer Engine's when it is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from specforge_mcore.errors import UserError
+from specforge_mcore.platform import apply_platform_shims, has_transformer_engine
+from specforge_mcore.target.families import Family, family_for
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Model-parallel layout of the target. Data parallelism is whatever the world has left."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None  # expert tensor parallel; None = same as tp
+    sp: bool = False
+    dispatcher: str = "alltoall"  # Megatron's MoE token dispatcher under EP: alltoall | allgather
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp if self.etp is not None else self.tp
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+    def __str__(self) -> str:
+        parts = [f"TP{self.tp}"] + (["SP"] if self.sp else [])
+        parts += [f"EP{self.ep}" + ("(allgather)" if self.dispatcher == "allgather" else "")] if self.ep > 1 else []
+        parts += [f"ETP{self.etp}"] if self.etp is not None and self.etp != self.tp else []
+        parts += [f"PP{self.pp}"] if self.pp > 1 else []
+        return "×".join(parts)
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            hf = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON: {exc}") from None
+    # Multimodal or nested configs keep the language model under text_config.
+    if "text_config" in hf and "num_hidden_layers" not in hf:
+        hf = dict(hf["text_config"], architectures=hf.get("architectures"))
+    return hf
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def pipeline_split(num_layers: int, pp: int, where: str = "config.json") -> list[int]:
+    """Layers per pipeline stage: even when possible, else Megatron's uneven first/last stages with
+    the middle stages equal, choosing the most balanced such split (lighter first/last stages)."""
+    if pp < 1 or num_layers < pp:
+        raise UserError(f"{where}: num_hidden_layers={num_layers} cannot be split over pp={pp} stages "
+                        f"(every stage needs at least one layer; pp must be <= {num_layers})")
+    if num_layers % pp == 0:
+        return [num_layers // pp] * pp
+    if pp == 2:
+        return [num_layers // 2, num_layers - num_layers // 2]
+    best = None
+    for first in range(1, num_layers):
+        for last in range(1, num_layers - first):
+            middle_total = num_layers - first - last
+            if middle_total % (pp - 2) or middle_total // (pp - 2) < 1:
+                continue
+            split = [first] + [middle_total // (pp - 2)] * (pp - 2) + [last]
+            # The first and last stages also hold the embedding and the output layer + teacher.
+            key = (max(split), first + last, abs(first - last))
+            if best is None or key < best[0]:
+                best = (key, split)
+    if best is None:
+        raise UserError(f"{where}: num_hidden_layers={num_layers} cannot be split over pp={pp} stages")
+    return best[1]
+
+
+def check_layout(hf: dict, family: Family, layout: Layout, world_size: int, where: str) -> None:
+    """Raise a UserError naming the first size that the layout does not divide."""
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    for name, value in (("tp", layout.tp), ("pp", layout.pp), ("ep", layout.ep), ("etp", layout.expert_tp)):
+        if value < 1:
+            raise UserError(f"layout {name}={value}: must be >= 1")
+    if layout.dispatcher not in ("alltoall", "allgather"):
+        raise UserError(f"layout dispatcher={layout.dispatcher!r}: expected 'alltoall' or 'allgather'")
+    if layout.sp and layout.tp == 1:
+        raise UserError("sequence parallelism (sp) needs tp > 1")
+    if heads % layout.tp:
+        raise UserError(f"{where}: num_attention_heads={heads} is not divisible by tp={layout.tp} "
+                        f"(tp must divide it: {_divisors(heads)})")
+    if kv_heads % layout.tp:
+        raise UserError(f"{where}: num_key_value_heads={kv_heads} is not divisible by tp={layout.tp} "
+                        f"(tp must divide it: {_divisors(kv_heads)})")
+    if hf["intermediate_size"] % layout.tp:
+        raise UserError(f"{where}: intermediate_size={hf['intermediate_size']} is not divisible by tp={layout.tp}")
+    if family.is_moe:
+        cfg = family.transformer_config(hf)
+        experts = cfg["num_moe_experts"]
+        if experts % layout.ep:
+            raise UserError(f"{where}: {experts} experts are not divisible by ep={layout.ep} "
+                            f"(ep must divide it: {_divisors(experts)})")
+        if cfg["moe_ffn_hidden_size"] % layout.expert_tp:
+            raise UserError(f"{where}: moe_intermediate_size={cfg['moe_ffn_hidden_size']} is not divisible by "
+                            f"expert tp={layout.expert_tp}")
+    elif layout.ep > 1 or layout.etp not in (None, layout.tp):
+        raise UserError(f"layout {layout}: ep/etp only apply to MoE targets; {where} is a dense "
+                        f"{family.name} model")
+    pipeline_split(hf["num_hidden_layers"], layout.pp, where)
+    mp = layout.tp * layout.pp
+    if world_size % mp:
+        raise UserError(f"layout {layout}: world size {world_size} is not divisible by tp*pp={mp}")
+    data_parallel = world_size // mp
+    expert_grid = layout.ep * layout.expert_tp
+    if (world_size // layout.pp) % expert_grid:
+        raise UserError(f"layout {layout}: ep*etp={expert_grid} must divide world_size/pp="
+                        f"{world_size // layout.pp} (data-parallel size is {data_parallel})")
+
+
+def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
+    """Megatron's process groups for the layout (the default group must exist)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    apply_platform_shims()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        create_gloo_process_groups=False,
+    )
+    # inference_rng_tracker: the CUDA RNG tracker would fork CUDA generators; the frozen target uses
+    # no randomness, so the plain tracker is exact on every device.
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = family.transformer_config(hf)
+    split = pipeline_split(hf["num_hidden_layers"], layout.pp)
+    if layout.pp > 1 and len(set(split)) > 1:
+        kwargs.update(num_layers_in_first_pipeline_stage=split[0], num_layers_in_last_pipeline_stage=split[-1])
+    use_te = has_transformer_engine()
+    kwargs.update(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=layout.sp and layout.tp > 1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        # Weights come from the checkpoint: skip random init (and its CPU-side master copies).
+        perform_initialization=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # batch_p2p_comm would call torch.cuda.synchronize around every exchange; the plain
+        # isend/irecv path is equally exact on gloo and NCCL.
+        batch_p2p_comm=False,
+        variable_seq_lengths=False,
+    )
+    if family.is_moe:
+        kwargs.update(moe_token_dispatcher_type=layout.dispatcher, moe_grouped_gemm=use_te,
+                      moe_permute_fusion=False)
+    return TransformerConfig(**kwargs)
+
+
+class FrozenRMSNorm(torch.nn.Module):
+    """RMSNorm for the local (non-TE) spec, computed like the HF reference (fp32 statistics).
+
+    Megatron's WrappedTorchNorm refuses sequence parallelism because, when training, SP norm weights
+    need their gradients all-reduced over TP; the frozen target has no gradients, so the plain norm
+    is exact under SP too.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _replace_module(spec, old, new):
+    """Swap every use of module class ``old`` in a (nested) Megatron layer spec for ``new``."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        spec.module = _replace_module(spec.module, old, new)
+        spec.submodules = _replace_module(spec.submodules, old, new)
+        return spec
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_replace_module(item, old, new) for item in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for f in dataclasses.fields(spec):
+            setattr(spec, f.name, _replace_module(getattr(spec, f.name), old, new))
+    return spec
+
+
+@dataclass
+class StageModel:
+    """This rank's part of the target and where it sits."""
+
+    model: torch.nn.Module  # a megatron GPTModel for this pipeline stage
+    hf: dict
+    family: Family
+    layout: Layout
+    layer_ids: list[int]  # global 0-based ids of the decoder layers on this stage
+    padded_vocab_size: int
+    vocab_size: int
+
+    @property
+    def pre_process(self) -> bool:
+        return self.model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.model.post_process
+
+
+def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float32,
+                      where: str = "config.json") -> StageModel:
+    """Build the (empty, frozen) GPTModel piece this rank owns. Megatron's groups must be initialised."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    family = family_for(hf, where)
+    family.check(hf, where)
+    config = transformer_config(hf, family, layout, dtype)
+    use_te = has_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if not use_te:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec = _replace_module(spec, WrappedTorchNorm, FrozenRMSNorm)
+    vocab = int(hf["vocab_size"])
+    padded_vocab = -(-vocab // layout.tp) * layout.tp  # VocabParallelEmbedding needs tp | vocab
+    kwargs = family.gpt_model_kwargs(hf)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab,
+        max_sequence_length=kwargs.pop("max_sequence_length"),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        **kwargs,
+    )
+    model.requires_grad_(False)
+    model.eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    layer_ids = [layer.layer_number - 1 for layer in model.decoder.layers]
+    return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab)
