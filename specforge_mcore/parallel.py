@@ -170,3 +170,25 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
         world_size=launch.world_size,
     )
     return launch
+
+
+def describe_topology(layout, world_size: int, launch: LaunchEnv) -> str:
+    """Collective (every rank calls it): the resolved groups, and which ranks hold which pipeline stage."""
+    import socket
+
+    from megatron.core import parallel_state as ps
+
+    mine = dict(rank=dist.get_rank(), host=socket.gethostname(), local=launch.local_rank,
+                pp=ps.get_pipeline_model_parallel_rank(), tp=ps.get_tensor_model_parallel_rank(),
+                dp=ps.get_data_parallel_rank(), ep=ps.get_expert_model_parallel_rank())
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    dp = ps.get_data_parallel_world_size()
+    lines = [f"topology: world={world_size} (launcher: {launch.launcher}, master {launch.master_addr}:{launch.master_port}) "
+             f"target layout {layout}: TP={layout.tp} PP={layout.pp} EP={layout.ep} ETP={layout.expert_tp} "
+             f"SP={'on' if layout.sp else 'off'} DP={dp}; the draft trains data-parallel on all {world_size} ranks"]
+    for stage in range(layout.pp):
+        ranks = [r for r in everyone if r["pp"] == stage]
+        cells = ", ".join(f"r{r['rank']}(tp{r['tp']} dp{r['dp']} ep{r['ep']} @{r['host']}:{r['local']})" for r in ranks)
+        lines.append(f"  stage {stage}: {cells}")
+    return "\n".join(lines)

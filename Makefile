@@ -1,0 +1,42 @@
+# The three commands a new user (and CI) runs: make setup, make demo, make test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check
+CONSTRAINTS := requirements/constraints.txt
+SMOLLM2 := .cache/targets/smollm2
+SMOLLM2_MOE := .cache/targets/smollm2-moe4
+
+.PHONY: setup venv sglang-venv targets demo test test-fast check-cuda clean
+
+setup: venv sglang-venv targets
+	@echo "setup done: $(VENV)/bin/specforge-mcore is ready"
+
+venv:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The CPU torch wheel first, then everything else pinned to it (never a CUDA torch).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/base.txt
+	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e .
+
+sglang-venv:
+	@true
+
+targets:
+	$(VENV)/bin/specforge-mcore prepare-target smollm2 --out $(SMOLLM2)
+	$(VENV)/bin/specforge-mcore prepare-target smollm2 --upcycle-moe 4 --topk 2 --out $(SMOLLM2_MOE)
+
+demo:
+	@echo "demo: not wired yet"
+
+test:
+	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800
+
+test-fast:
+	$(VENV)/bin/pytest -q -m "not slow" --timeout=900
+
+check-cuda:
+	bash csrc/check_cuda.sh
+
+clean:
+	rm -rf build *.egg-info specforge_mcore/_C*.so

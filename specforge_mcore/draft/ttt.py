@@ -1,0 +1,143 @@
+"""Training-time test (TTT): the draft unrolled for S steps over a packed batch, with the EAGLE-3 loss.
+
+Everything is flat over the T = n·s packed tokens of this rank's shard (rows concatenated). At step i,
+position t:
+
+* the hidden input is g_t = fc(features_t) at step 0, else the layer output of step i-1 at t;
+* the token input is token t+1+i (the embedding of the token the draft has "just produced");
+* the query (RoPE position p_t + i) sees the step-0 keys at positions <= t of its document and the
+  keys of steps 1..i at t;
+* the teacher is the target's distribution at t+1+i (which predicts token t+2+i), restricted to the
+  draft vocabulary and renormalised;
+* the position counts when token t+2+i is in t's document, is an assistant token (the mask refers to
+  the predicted token: what the draft faces when serving), and the target's full-vocabulary argmax
+  at t+1+i lies in the draft vocabulary.
+
+Loss: Σ_i decay^i · L_i with L_i the soft cross-entropy summed over valid positions and divided by the
+number of valid positions of step i over the whole world (``step_weights``): every rank's gradient is
+then a plain sum, and padding never dilutes the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from specforge_mcore.draft.model import Eagle3Draft
+
+
+@dataclass
+class DraftBatch:
+    """This rank's shard: n packed rows of s tokens, plus what the target computed for them."""
+
+    input_ids: torch.Tensor  # [n, s]
+    position_ids: torch.Tensor  # [n, s], restarting per document
+    document_ids: torch.Tensor  # [n, s], per row
+    assistant_mask: torch.Tensor  # [n, s] bool: token is an assistant token
+    aux_hidden: list[torch.Tensor]  # three [n, s, H_t]
+    final_hidden: torch.Tensor  # [n, s, H_t]
+    target_argmax: torch.Tensor  # [n, s] int64, full vocabulary
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def flat_document_keys(document_ids: torch.Tensor) -> torch.Tensor:
+    """A key per token, equal exactly for tokens of the same document of the same row."""
+    n, s = document_ids.shape
+    row = torch.arange(n, device=document_ids.device)[:, None]
+    return (row * (s + 1) + document_ids.long()).reshape(-1)
+
+
+def cu_seqlens_from(document_ids: torch.Tensor) -> torch.Tensor:
+    keys = flat_document_keys(document_ids)
+    starts = torch.nonzero(keys[1:] != keys[:-1]).flatten() + 1
+    zero = torch.zeros(1, dtype=starts.dtype, device=keys.device)
+    end = torch.tensor([keys.numel()], dtype=starts.dtype, device=keys.device)
+    return torch.cat([zero, starts, end]).to(torch.int32)
+
+
+def shift(flat: torch.Tensor, k: int, fill=0) -> torch.Tensor:
+    """out[t] = flat[t + k] (first dim), filled past the end."""
+    if k == 0:
+        return flat
+    pad = flat.new_full((k,) + tuple(flat.shape[1:]), fill)
+    return torch.cat([flat[k:], pad], dim=0)
+
+
+def position_masks(batch: DraftBatch, t2d: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Per step, [T] bool: which positions are supervised (see module doc)."""
+    keys = flat_document_keys(batch.document_ids)
+    assistant = batch.assistant_mask.reshape(-1)
+    in_draft = t2d[batch.target_argmax.reshape(-1)]
+    masks = []
+    for i in range(steps):
+        same_doc = shift(keys, 2 + i, fill=-1) == keys
+        masks.append(same_doc & shift(assistant, 2 + i, fill=False) & shift(in_draft, 1 + i, fill=False))
+    return masks
+
+
+def step_weights(valid_counts: torch.Tensor, decay: float) -> list[float]:
+    """decay^i / (valid positions of step i over the world); 0 for a step with none."""
+    return [decay ** i / float(c) if c > 0 else 0.0 for i, c in enumerate(valid_counts.tolist())]
+
+
+@dataclass
+class TTTOutput:
+    loss: torch.Tensor  # differentiable: Σ_i weight_i · Σ_t CE (this rank's part of the global loss)
+    weighted_step_losses: torch.Tensor  # [S], detached: weight_i · Σ_t CE
+    correct: torch.Tensor  # [S] int64: argmax agreements on valid positions
+    valid: torch.Tensor  # [S] int64: valid positions on this rank
+
+
+def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor], weights: list[float],
+               attention: Callable, teacher_weight: torch.Tensor, loss_impl: str = "auto",
+               projection_impl: str = "auto", loss_chunk_tokens: int = 1024) -> TTTOutput:
+    """Unroll the draft for ``len(masks)`` steps and return the weighted EAGLE-3 loss (module doc)."""
+    from specforge_mcore.kernels.ttt_loss import fused_ttt_step_loss
+
+    arch = draft.arch
+    layer = draft.midlayer
+    tokens = batch.num_tokens
+    ids = batch.input_ids.reshape(-1)
+    positions = batch.position_ids.reshape(-1)
+    cu_seqlens = cu_seqlens_from(batch.document_ids)
+    final_hidden = batch.final_hidden.reshape(tokens, -1)
+    aux = [h.reshape(tokens, -1) for h in batch.aux_hidden]
+
+    hidden, hidden_normed = draft.project(aux, impl=projection_impl)
+    k_steps, v_steps = [], []
+    k0 = v0 = None
+    losses, corrects = [], []
+    for i, (mask, weight) in enumerate(zip(masks, weights)):
+        if i > 0:
+            hidden_normed = layer.hidden_norm(hidden)
+        embedding = draft.embed(shift(ids, 1 + i))
+        cos, sin = draft.rope.cos_sin(positions + i)
+        q, k, v = layer.self_attn.qkv(layer.attention_input(embedding, hidden_normed), cos, sin)
+        if i == 0:
+            k0, v0 = k, v
+            kd = k.new_zeros((0,) + tuple(k.shape))
+            vd = v.new_zeros((0,) + tuple(v.shape))
+        else:
+            k_steps.append(k)
+            v_steps.append(v)
+            kd, vd = torch.stack(k_steps), torch.stack(v_steps)
+        out = attention(q, k0, v0, kd, vd, cu_seqlens, arch.head_dim ** -0.5)
+        hidden = layer.finish(hidden, out)
+        loss, correct = fused_ttt_step_loss(
+            hidden, draft.norm.weight, draft.lm_head.weight, arch.rms_norm_eps, mask, weight,
+            teacher_hidden=shift(final_hidden, 1 + i), teacher_weight=teacher_weight,
+            impl=loss_impl, chunk_tokens=loss_chunk_tokens)
+        losses.append(loss)
+        corrects.append(correct)
+    total = torch.stack(losses).sum()
+    return TTTOutput(
+        loss=total,
+        weighted_step_losses=torch.stack([l.detach().float() for l in losses]),
+        correct=torch.stack([c.reshape(()).long() for c in corrects]),
+        valid=torch.stack([m.sum() for m in masks]).long(),
+    )

@@ -1,0 +1,81 @@
+"""Metrics: ``OUT/metrics.jsonl`` (one object per logged step), optional TensorBoard, the final plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: str, tensorboard: bool = False, append: bool = False):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if not append and os.path.exists(self.path):
+            os.remove(self.path)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is optional
+                raise RuntimeError("train.tensorboard=true needs the tensorboard package "
+                                   "(pip install tensorboard)") from exc
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, step)
+                elif isinstance(value, list):
+                    for i, item in enumerate(value):
+                        if isinstance(item, (int, float)):
+                            self.tb.add_scalar(f"{key}/step{i}", item, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) -> str:
+    """Loss and per-TTT-step accuracy over training (and eval points when present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    steps = [r["step"] for r in train]
+    ax_loss.plot(steps, [r["loss"] for r in train], label="train loss (Σ decayᶦ·Lᵢ)")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    if train:
+        for i in range(len(train[0]["acc"])):
+            ax_acc.plot(steps, [r["acc"][i] for r in train], label=f"TTT step {i}", alpha=0.8)
+    if evals:
+        ax_acc.plot([r["step"] for r in evals], [r["eval_acc"][0] for r in evals], "ko--", label="eval step 0")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy (draft argmax == target argmax)")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend(fontsize=8, ncol=2)
+    ax_acc.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,35 @@
+"""Run a training job in this process (one rank of it) and print the final per-step table."""
+
+from __future__ import annotations
+
+from specforge_mcore.config import RunConfig
+
+
+def format_step_table(record: dict, title: str = "final") -> str:
+    acc = record.get("acc") or record.get("eval_acc")
+    losses = record.get("loss_steps") or record.get("eval_loss_steps")
+    lines = [f"{title}: per TTT step", f"{'step':>6}{'loss':>10}{'acc':>9}"]
+    for i, (loss, a) in enumerate(zip(losses, acc)):
+        lines.append(f"{i:>6}{loss:>10.4f}{a:>9.4f}")
+    return "\n".join(lines)
+
+
+def run_training(cfg: RunConfig, out_dir: str) -> list[dict]:
+    import torch.distributed as dist
+
+    from specforge_mcore.train.trainer import Trainer
+
+    trainer = Trainer(cfg, out_dir, resume=cfg.train.resume)
+    history = trainer.fit()
+    if trainer.is_main and history:
+        train_records = [r for r in history if "acc" in r]
+        eval_records = [r for r in history if "eval_acc" in r]
+        if train_records:
+            print(format_step_table(train_records[-1], f"train (step {train_records[-1]['step']})"))
+        if eval_records:
+            print(format_step_table(eval_records[-1], f"held-out eval (step {eval_records[-1]['step']})"))
+        print(f"run directory: {out_dir} (metrics.jsonl, training.png, checkpoints/)")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return history
