@@ -123,6 +123,9 @@ class TrainConfig:
     global_batch_size: int = 8
     epochs: float = 1.0
     max_steps: Optional[int] = None
+    # Stop this invocation (after a checkpoint) once this step is reached, leaving the schedule as
+    # max_steps/epochs define it: for time-limited allocations that requeue with --resume.
+    exit_after_step: Optional[int] = None
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 8

@@ -55,7 +55,11 @@ def has_apex() -> bool:
 
 
 class _NoStream:
-    """Stands in for torch.cuda.Stream / Event on CPU: every wait and record is already satisfied."""
+    """Stands in for torch.cuda.Stream / Event on CPU: every wait and record is already satisfied.
+    A class (not a factory) so annotations such as ``torch.cuda.Stream | None`` elsewhere still work."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
     def wait_stream(self, other: Any) -> None:
         pass
@@ -114,8 +118,8 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")
     # The alltoall token dispatcher (token_dispatcher._maybe_dtoh_and_synchronize) and shared experts
     # overlap work on side streams and synchronise with events.
-    torch.cuda.Stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
-    torch.cuda.Event = lambda *a, **k: _NoStream()  # type: ignore[assignment]
+    torch.cuda.Stream = _NoStream  # type: ignore[assignment]
+    torch.cuda.Event = _NoStream  # type: ignore[assignment]
     torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     # p2p_communication._batched_p2p_ops / _p2p_ops call torch.cuda.synchronize() after sends.
@@ -181,6 +185,18 @@ def _shim_uneven_tp_collectives() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter
 
 
+def _shim_missing_transformer_engine() -> None:
+    """Megatron 0.16.1 without Transformer Engine: ``megatron.core.extensions.transformer_engine`` still
+    imports (its TE classes then derive from a MagicMock), so multi_latent_attention sets HAVE_TE = True,
+    and ``MLASelfAttention.__init__``'s ``isinstance(self.linear_proj, TELinear)`` raises TypeError.
+    Its HAVE_TE only guards TE-specific paths; without TE they must be off."""
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+
+
 def apply_platform_shims() -> None:
     """Everything a process needs before building Megatron modules on this machine."""
     apply_cpu_shims()
+    if not has_transformer_engine():
+        _shim_missing_transformer_engine()

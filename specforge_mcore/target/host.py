@@ -20,9 +20,8 @@ from typing import Optional
 import torch
 
 from specforge_mcore.errors import UserError
-from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config
+from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config, rope_table
 from specforge_mcore.target.load import SafetensorsReader, load_stage_weights
-from specforge_mcore.rope import RopeTable
 
 
 def default_capture_layer_ids(num_layers: int) -> list[int]:
@@ -85,7 +84,8 @@ class TargetHost:
         self.num_layers = int(self.hf["num_hidden_layers"])
         self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)
                                   if capture_layer_ids is not None else default_capture_layer_ids(self.num_layers))
-        self.rope = RopeTable(self.hf, self.model.config.kv_channels)
+        # Rotary angles the host passes to Megatron's attention (MLA computes its own from positions).
+        self.rope = None if self.stage.position_rotary is not None else rope_table(self.hf, self.model.config.kv_channels)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -149,22 +149,7 @@ class TargetHost:
 
     def _teacher(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """Global argmax over the full vocabulary, vocab-parallel over TP."""
-        try:
-            from specforge_mcore.kernels.teacher import fused_teacher
-        except ImportError:  # TEMPORARY until the kernels land
-            def fused_teacher(h, w, start, group=None, **kw):
-                logits = h.float() @ w.float().t()
-                val, idx = logits.max(-1)
-                idx = idx + start
-                if group is not None:
-                    import torch.distributed as dist
-                    vals = [torch.empty_like(val) for _ in range(dist.get_world_size(group))]
-                    idxs = [torch.empty_like(idx) for _ in range(dist.get_world_size(group))]
-                    dist.all_gather(vals, val, group=group); dist.all_gather(idxs, idx, group=group)
-                    v = torch.stack(vals); i = torch.stack(idxs)
-                    best = v.argmax(0)
-                    idx = i.gather(0, best[None])[0]
-                return idx, None
+        from specforge_mcore.kernels.teacher import fused_teacher
 
         weight, start, real = self.output_weight_shard()
         b, s, h = final_hidden.shape
@@ -190,7 +175,11 @@ class TargetHost:
         device = next(model.parameters()).device
         position_ids = batch.position_ids.to(device)
         mask = attention_mask(batch.document_ids.to(device))
-        rotary = self.rope.freqs(position_ids)  # [s, b, 1, d]
+        if self.stage.position_rotary is not None:  # MLA rotates inside its attention
+            self.stage.position_rotary.set_positions(position_ids)
+            rotary = None
+        else:
+            rotary = self.rope.freqs(position_ids)  # [s, b, 1, d]
         hidden = None
         if model.pre_process:
             hidden = model.embedding(input_ids=batch.input_ids.to(device), position_ids=position_ids)

@@ -33,3 +33,20 @@ def run_training(cfg: RunConfig, out_dir: str) -> list[dict]:
         dist.barrier()
         dist.destroy_process_group()
     return history
+
+
+def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_weights: bool = True):
+    """One rank of a training job started by ``specforge_mcore.parallel.spawn`` (tests, benchmarks)."""
+    import torch.distributed as dist
+
+    from specforge_mcore.config import config_from_dict
+    from specforge_mcore.train.trainer import Trainer
+
+    cfg = config_from_dict(cfg_tree)
+    trainer = Trainer(cfg, out_dir, resume=cfg.train.resume, quiet=True)
+    history = trainer.fit()
+    weights = {k: v.detach().cpu().clone() for k, v in trainer.draft.trainable_state_dict().items()} \
+        if return_weights and rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
+    return {"history": history, "weights": weights, "rank": rank}

@@ -462,7 +462,8 @@ class Trainer:
                    dynamic_ncols=True)
         history = []
         last_saved = None
-        while self.step < self.total_steps:
+        stop_at = min(self.total_steps, cfg.exit_after_step or self.total_steps)
+        while self.step < stop_at:
             start = time.perf_counter()
             metrics = self.train_step(timer)
             seconds = time.perf_counter() - start
@@ -481,7 +482,13 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 last_saved = self.save()
         bar.close()
-        final_eval = self.evaluate() if cfg.eval_every or self.eval_data is not None else None
+        if self.step < self.total_steps:  # exit_after_step: checkpoint and leave; --resume continues
+            if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
+                self.save()
+            if self.is_main:
+                writer.close()
+            return history
+        final_eval = self.evaluate()
         if final_eval and self.is_main:
             writer.write({"step": self.step, **final_eval})
             history.append({"step": self.step, **final_eval})
