@@ -23,6 +23,16 @@ import torch
 _SHIMS_APPLIED = False
 
 
+def quiet_known_warnings() -> None:
+    """Silence Megatron's import-time notices about optional packages (TE/apex are optional here by
+    design; ``has_transformer_engine()`` / ``has_apex()`` report them) so real warnings stay visible."""
+    import warnings
+
+    for pattern in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
+                    r"full scope is deprecated", r"Transformer Engine is not installed"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def device() -> torch.device:
     """The device this process computes on: its local GPU when CUDA is there, else the CPU."""
     if torch.cuda.is_available():

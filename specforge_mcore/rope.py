@@ -71,3 +71,41 @@ class RopeTable:
         angles = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos(), emb.sin()
+
+
+def yarn_inverse_frequencies(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (rope_type "yarn"): inv_freq [head_dim // 2] (fp32) and the attention factor by which HF
+    multiplies cos and sin (DeepSeek-V3, GPT-OSS). Follows transformers' definition: ``truncate``
+    (default true) rounds the correction range, and the attention factor comes from
+    ``attention_factor``, else from ``mscale`` / ``mscale_all_dim`` when both are set, else from
+    ``factor`` alone."""
+    params = rope_parameters(hf)
+    if params["rope_type"] != "yarn" or not params.get("factor"):
+        raise UserError(f"rope_parameters={params}: expected rope_type 'yarn' with a factor")
+    base, factor = float(params["rope_theta"]), float(params["factor"])
+    original = float(params.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a single-point ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)

@@ -7,6 +7,7 @@ pipeline stage is built with the local layer spec (or Transformer Engine's when 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.platform import apply_platform_shims, has_transformer_engine
+from specforge_mcore.rope import RopeTable, rope_parameters, yarn_inverse_frequencies
 from specforge_mcore.target.families import Family, family_for
 
 
@@ -92,7 +94,9 @@ def pipeline_split(num_layers: int, pp: int, where: str = "config.json") -> list
 
 
 def check_layout(hf: dict, family: Family, layout: Layout, world_size: int, where: str) -> None:
-    """Raise a UserError naming the first size that the layout does not divide."""
+    """Raise a UserError naming the first size that the layout does not divide (or what the config asks
+    for that the family cannot build)."""
+    family.check(hf, where)
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     for name, value in (("tp", layout.tp), ("pp", layout.pp), ("ep", layout.ep), ("etp", layout.expert_tp)):
@@ -122,6 +126,7 @@ def check_layout(hf: dict, family: Family, layout: Layout, world_size: int, wher
     elif layout.ep > 1 or layout.etp not in (None, layout.tp):
         raise UserError(f"layout {layout}: ep/etp only apply to MoE targets; {where} is a dense "
                         f"{family.name} model")
+    family.check_layout(hf, layout, where)
     pipeline_split(hf["num_hidden_layers"], layout.pp, where)
     mp = layout.tp * layout.pp
     if world_size % mp:
@@ -154,9 +159,10 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
 
 
 def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dtype):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = family.transformer_config(hf)
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
     split = pipeline_split(hf["num_hidden_layers"], layout.pp)
     if layout.pp > 1 and len(set(split)) > 1:
         kwargs.update(num_layers_in_first_pipeline_stage=split[0], num_layers_in_last_pipeline_stage=split[-1])
@@ -182,7 +188,7 @@ def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dt
     if family.is_moe:
         kwargs.update(moe_token_dispatcher_type=layout.dispatcher, moe_grouped_gemm=use_te,
                       moe_permute_fusion=False)
-    return TransformerConfig(**kwargs)
+    return config_class(**kwargs)
 
 
 class FrozenRMSNorm(torch.nn.Module):
@@ -224,6 +230,82 @@ def _replace_module(spec, old, new):
     return spec
 
 
+@functools.lru_cache(maxsize=None)
+def target_dot_product_attention() -> type:
+    """The class below, made on first use (this module imports Megatron lazily)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class TargetDotProductAttention(DotProductAttention):
+        """Megatron's local attention plus what the MLA and sliding-window targets need:
+
+        * MLA builds its core attention with ``k_channels`` / ``v_channels`` (as TE's attention takes them);
+          the local one has no such arguments. Keys may be wider than values; the output width per head is
+          ``config.kv_channels``, which the MLA family sets to the value head.
+        * On a sliding-window layer the local softmax replaces the given mask with a plain sliding-window
+          mask, which would let packed documents see each other; here the window is added to the host's
+          document mask instead.
+        """
+
+        def __init__(self, *args, k_channels: Optional[int] = None, v_channels: Optional[int] = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None and v_channels != self.config.kv_channels:
+                raise ValueError(f"value head {v_channels} != kv_channels {self.config.kv_channels}")
+            self.window = self.scale_mask_softmax.window_size
+            self.scale_mask_softmax.window_size = None
+
+        def forward(self, query, key, value, attention_mask, *args, **kwargs):
+            if self.window is not None:
+                sq, sk = query.shape[0], key.shape[0]
+                q = torch.arange(sk - sq, sk, device=query.device)[:, None]
+                k = torch.arange(sk, device=query.device)[None, :]
+                outside = (k < q - self.window[0]) | (k > q + self.window[1])
+                attention_mask = outside if attention_mask is None else attention_mask | outside
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    return TargetDotProductAttention
+
+
+class YarnRopeTable(RopeTable):
+    """YaRN angles; ``attention_factor`` (HF's cos/sin multiplier) is applied by whoever uses them."""
+
+    def __init__(self, hf: dict, head_dim: int):
+        inv_freq, self.attention_factor = yarn_inverse_frequencies(hf, head_dim)
+        self.inv_freq = inv_freq
+
+
+def rope_table(hf: dict, head_dim: int) -> RopeTable:
+    if rope_parameters(hf)["rope_type"] == "yarn":
+        return YarnRopeTable(hf, head_dim)
+    return RopeTable(hf, head_dim)
+
+
+class PositionRotary(torch.nn.Module):
+    """RoPE for Megatron's MLA from explicit position ids.
+
+    MLA refuses a ``rotary_pos_emb`` argument and computes angles for positions 0..s-1 itself, from its
+    ``rotary_pos_emb`` module; packed documents restart at position 0. This module stands in for that
+    one in every MLA layer of the stage: the host sets the micro-batch's positions, and each layer gets
+    the angles [s, b, 1, d] (and, for YaRN, the cos/sin factor, as Megatron's YaRN module returns it).
+    """
+
+    def __init__(self, table: RopeTable, yarn: bool):
+        super().__init__()
+        self.table = table
+        self.yarn = yarn
+        self.freqs: Optional[torch.Tensor] = None
+
+    def set_positions(self, position_ids: torch.Tensor) -> None:
+        self.freqs = self.table.freqs(position_ids)
+
+    def get_rotary_seq_len(self, *args, **kwargs) -> int:
+        return self.freqs.shape[0]
+
+    def forward(self, *args, **kwargs):
+        if self.freqs is None:
+            raise RuntimeError("PositionRotary.set_positions was not called before the forward")
+        return (self.freqs, self.table.attention_factor) if self.yarn else self.freqs
+
+
 @dataclass
 class StageModel:
     """This rank's part of the target and where it sits."""
@@ -235,6 +317,8 @@ class StageModel:
     layer_ids: list[int]  # global 0-based ids of the decoder layers on this stage
     padded_vocab_size: int
     vocab_size: int
+    # MLA targets: where the host puts each micro-batch's positions (see PositionRotary)
+    position_rotary: Optional["PositionRotary"] = None
 
     @property
     def pre_process(self) -> bool:
@@ -258,9 +342,12 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
     use_te = has_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
     if not use_te:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         spec = _replace_module(spec, WrappedTorchNorm, FrozenRMSNorm)
+        if config.multi_latent_attention or config.window_size is not None:
+            spec = _replace_module(spec, DotProductAttention, target_dot_product_attention())
     vocab = int(hf["vocab_size"])
     padded_vocab = -(-vocab // layout.tp) * layout.tp  # VocabParallelEmbedding needs tp | vocab
     kwargs = family.gpt_model_kwargs(hf)
@@ -279,4 +366,9 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
     if torch.cuda.is_available():
         model.cuda()
     layer_ids = [layer.layer_number - 1 for layer in model.decoder.layers]
-    return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab)
+    position_rotary = None
+    if config.multi_latent_attention:
+        position_rotary = PositionRotary(rope_table(hf, config.qk_pos_emb_head_dim), config.rope_type == "yarn")
+        for layer in model.decoder.layers:
+            layer.self_attention.rotary_pos_emb = position_rotary
+    return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab, position_rotary)

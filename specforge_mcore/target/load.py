@@ -10,9 +10,14 @@ Sharding rules, by the kind of Megatron parameter:
 * replicated      (norms, router): the whole tensor
 * qkv             (linear_qkv): Megatron interleaves per query group [q heads of group g | k_g | v_g];
                   rank r holds groups [r*G/tp, (r+1)*G/tp)
-* column          (linear_fc1 = [gate; up]): rows split by tp, gate and up each split then stacked
-* row             (linear_proj, linear_fc2): columns split by tp
-* expert column/row: the same with the expert-TP rank, for the experts this EP rank owns
+* column          (linear_fc1 = [gate; up]): rows split by tp, gate and up each split then stacked;
+                  likewise MLA's up-projections and attention sinks (by head) and shared experts
+* row             (linear_proj, linear_fc2): columns split by tp; their biases are whole
+* latent down     (MLA linear_q_down_proj / linear_kv_down_proj): rows split by tp on the local spec,
+                  whole under TE
+* expert column/row: the same with the expert-TP rank, for the experts this EP rank owns; experts
+                  stored stacked (GPT-OSS, [E, in, out], gate/up interleaved) are read per expert
+* buffers         only the router's expert bias (DeepSeek-V3) comes from the checkpoint
 """
 
 from __future__ import annotations
@@ -86,6 +91,22 @@ class SafetensorsReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
+    def read_stacked(self, key: str, index: int, rows: Optional[tuple[int, int]] = None,
+                     cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Entry ``index`` of a stacked tensor [N, R] or [N, R, C] (rows [a, b) / columns [c, d) of it)."""
+        piece = self._handle(key).get_slice(key)
+        shape = piece.get_shape()
+        r0, r1 = rows if rows is not None else (0, shape[1])
+        if len(shape) == 2:
+            tensor = piece[index:index + 1, r0:r1][0]
+        elif len(shape) == 3:
+            c0, c1 = cols if cols is not None else (0, shape[2])
+            tensor = piece[index:index + 1, r0:r1, c0:c1][0]
+        else:
+            raise UserError(f"{self.key_to_file[key]}: {key} has shape {list(shape)}, expected stacked experts")
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -112,8 +133,10 @@ class _Ranks:
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
-_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc1|linear_fc2)\.weight(\d+)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.(weight|bias)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc1|linear_fc2)\.(weight|bias)(\d+)$")
+# Buffers that hold checkpoint values (everything else in a buffer is derived or scratch).
+LOADED_BUFFERS = ("mlp.router.expert_bias",)
 
 
 class WeightLoader:
@@ -158,14 +181,43 @@ class WeightLoader:
         cols = self.reader.shape(key)[1]
         return self.reader.read(key, cols=_split(cols, size, rank, key))
 
-    def expert(self, layer: int, local_expert: int, which: str) -> torch.Tensor:
+    def latent_down(self, name: str, key: str) -> torch.Tensor:
+        """MLA's q/kv down-projections: the local spec splits their rows over TP (and gathers the
+        output), TE keeps them whole on every rank."""
+        if self.stage.model.get_parameter(name).shape[0] == self.reader.shape(key)[0]:
+            return self.reader.read(key)
+        return self.column([key], self.ranks.tp_rank, self.ranks.tp_size)
+
+    def expert(self, layer: int, local_expert: int, which: str, part: str = "weight") -> torch.Tensor:
         num_local = self.cfg.num_moe_experts // self.ranks.ep_size
         expert = self.ranks.ep_rank * num_local + local_expert
+        if self.family.stacked_experts:
+            return self.stacked_expert(layer, expert, which, part)
+        if part != "weight":
+            raise KeyError(part)
         key = self.family.hf_key
         if which == "linear_fc1":
             return self.column([key("expert_gate", layer, expert), key("expert_up", layer, expert)],
                                self.ranks.etp_rank, self.ranks.etp_size)
         return self.row(key("expert_down", layer, expert), self.ranks.etp_rank, self.ranks.etp_size)
+
+    def stacked_expert(self, layer: int, expert: int, which: str, part: str) -> torch.Tensor:
+        """Experts stacked [E, in, out] (GPT-OSS), gate and up interleaved by column: gate j is column 2j
+        and up j column 2j+1, so an expert-TP slice of both is one contiguous column range."""
+        key = self.family.hf_key
+        rank, size = self.ranks.etp_rank, self.ranks.etp_size
+        if which == "linear_fc1":
+            gate_up = key("experts_gate_up", layer)
+            a, b = _split(self.reader.shape(gate_up)[-1] // 2, size, rank, gate_up)
+            if part == "bias":
+                both = self.reader.read_stacked(key("experts_gate_up_bias", layer), expert, rows=(2 * a, 2 * b))
+            else:
+                both = self.reader.read_stacked(gate_up, expert, cols=(2 * a, 2 * b)).t()
+            return torch.cat([both[0::2], both[1::2]])  # Megatron's fc1 is [gate; up]
+        if part == "bias":  # a row-parallel bias is added once, after the reduction: whole
+            return self.reader.read_stacked(key("experts_down_bias", layer), expert)
+        down = key("experts_down", layer)
+        return self.reader.read_stacked(down, expert, rows=_split(self.reader.shape(down)[1], size, rank, down)).t()
 
     # ---- name -> tensor -----------------------------------------------------------------------
     def tensor_for(self, name: str) -> torch.Tensor:
@@ -190,6 +242,13 @@ class WeightLoader:
             "pre_mlp_layernorm.weight": "post_attn_norm",
             "mlp.linear_fc1.layer_norm_weight": "post_attn_norm",  # TE fuses the norm into fc1
             "mlp.router.weight": "router",
+            "mlp.router.bias": "router_bias",
+            "mlp.router.expert_bias": "router_expert_bias",  # a buffer (DeepSeek-V3's correction bias)
+            "self_attention.linear_proj.bias": "o_bias",  # row-parallel: added once, whole
+            # MLA's latent norms (TE fuses them into the up-projections)
+            "self_attention.kv_layernorm.weight": "kv_norm",
+            "self_attention.linear_q_up_proj.layer_norm_weight": "q_norm",
+            "self_attention.linear_kv_up_proj.layer_norm_weight": "kv_norm",
         }
         if rest in simple:
             return self.reader.read(key(simple[rest], layer))
@@ -203,11 +262,26 @@ class WeightLoader:
             return self.column([key("gate", layer), key("up", layer)], *tp)
         if rest == "mlp.linear_fc2.weight":
             return self.row(key("down", layer), *tp)
+        columns = {  # rows split over TP: by head, or by MLP width
+            "self_attention.linear_q_proj.weight": ["q"],  # MLA without a query latent
+            "self_attention.linear_q_up_proj.weight": ["q_up"],
+            "self_attention.linear_kv_up_proj.weight": ["kv_up"],
+            "self_attention.core_attention.softmax_offset": ["sinks"],  # one sink logit per head
+            "mlp.shared_experts.linear_fc1.weight": ["shared_gate", "shared_up"],
+        }
+        if rest in columns:
+            return self.column([key(kind, layer) for kind in columns[rest]], *tp)
+        if rest == "mlp.shared_experts.linear_fc2.weight":
+            return self.row(key("shared_down", layer), *tp)
+        if rest == "self_attention.linear_q_down_proj.weight":
+            return self.latent_down(name, key("q_down", layer))
+        if rest == "self_attention.linear_kv_down_proj.weight":
+            return self.latent_down(name, key("kv_down", layer))
         expert = _LOCAL_EXPERT.match(rest) or _GROUPED_EXPERT.match(rest)
         if expert is not None:
             if expert.re is _LOCAL_EXPERT:
-                return self.expert(layer, int(expert.group(1)), expert.group(2))
-            return self.expert(layer, int(expert.group(2)), expert.group(1))
+                return self.expert(layer, int(expert.group(1)), expert.group(2), expert.group(3))
+            return self.expert(layer, int(expert.group(3)), expert.group(1), expert.group(2))
         raise KeyError(name)
 
 
@@ -215,8 +289,9 @@ def load_stage_weights(stage: StageModel, hf_dir: str, reader: Optional[Safetens
     """Fill every parameter of ``stage.model`` from the HF checkpoint in ``hf_dir``."""
     reader = reader or SafetensorsReader(hf_dir)
     loader = WeightLoader(stage, reader)
+    buffers = [(name, b) for name, b in stage.model.named_buffers() if name.endswith(LOADED_BUFFERS)]
     with torch.no_grad():
-        for name, param in stage.model.named_parameters():
+        for name, param in list(stage.model.named_parameters()) + buffers:
             try:
                 tensor = loader.tensor_for(name)
             except KeyError:

@@ -203,10 +203,12 @@ def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]]
                 report.argmax_mismatches += int((r["target_argmax"] != ref["logits"].argmax(-1))[valid].sum())
             for k, tensor in r.get("layers", {}).items():
                 report.features = max(report.features, (tensor - ref[f"layer{k}"]).abs()[valid].max().item())
-            shards_by_dp.setdefault(r["dp"], {})[r["shard_index"][0]] = r["shard"]
+            # One union per data-parallel group (several groups may share an input set).
+            group, index = divmod(r["shard_index"][0], layout.tp * layout.pp)
+            shards_by_dp.setdefault(group, {})[index] = r["shard"]
         # Union over the ranks of the draft shards == the full batch, in order.
         for dp, shards in shards_by_dp.items():
-            ref = references[dp]
+            ref = references[dp % len(references)]
             ordered = [shards[k] for k in sorted(shards)]
             ids = [r["capture_layer_ids"] for r in rows][0]
             full = {f"layer{k}": torch.cat([sh.aux_hidden[i] for sh in ordered]) for i, k in enumerate(ids)}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.target.families.base import Family
+from specforge_mcore.target.families.deepseek_v3 import DeepseekV3
+from specforge_mcore.target.families.gpt_oss import GptOss
 from specforge_mcore.target.families.llama import Llama
 from specforge_mcore.target.families.mixtral import Mixtral
 from specforge_mcore.target.families.qwen3 import Qwen3
 from specforge_mcore.target.families.qwen3_moe import Qwen3Moe
 
-FAMILIES: tuple[type[Family], ...] = (Llama, Qwen3, Qwen3Moe, Mixtral)
+FAMILIES: tuple[type[Family], ...] = (Llama, Qwen3, Qwen3Moe, Mixtral, DeepseekV3, GptOss)
 # Architectures we know and refuse, with the reason (never build a different model silently).
 UNSUPPORTED: dict[str, str] = {}
 

@@ -33,6 +33,8 @@ class Family:
     model_types: ClassVar[tuple[str, ...]] = ("llama",)
     qk_layernorm: ClassVar[bool] = False
     is_moe: ClassVar[bool] = False
+    # One [E, ...] tensor per expert projection (GPT-OSS) instead of one tensor per expert.
+    stacked_experts: ClassVar[bool] = False
 
     # ---- validation -------------------------------------------------------------------------
     def check(self, hf: dict, where: str) -> None:
@@ -52,6 +54,9 @@ class Family:
         if hf.get("use_sliding_window") and hf.get("sliding_window"):
             raise UserError(f"{where}: sliding-window attention (use_sliding_window=true) is not supported "
                             f"for {self.name}")
+
+    def check_layout(self, hf: dict, layout: Any, where: str) -> None:
+        """Sizes this family needs divisible beyond the ones ``build.check_layout`` checks for all."""
 
     # ---- Megatron config ----------------------------------------------------------------------
     def transformer_config(self, hf: dict) -> dict[str, Any]:
