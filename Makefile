@@ -7,10 +7,14 @@ CONSTRAINTS := requirements/constraints.txt
 SMOLLM2 := .cache/targets/smollm2
 SMOLLM2_MOE := .cache/targets/smollm2-moe4
 
-.PHONY: setup venv sglang-venv targets demo test test-fast check-cuda clean
+.PHONY: setup system-deps venv sglang-venv targets demo test test-fast check-cuda clean
 
-setup: venv sglang-venv targets
+setup: system-deps venv sglang-venv targets
 	@echo "setup done: $(VENV)/bin/specforge-mcore is ready"
+
+# Open MPI and Slurm for the launcher tests (Debian packages; needs root, warns and skips without).
+system-deps:
+	bash .ci/install-system-deps.sh
 
 venv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +23,11 @@ venv:
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/base.txt
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e .
 
-sglang-venv:
+sglang-# Open MPI and Slurm for the launcher tests (Debian packages; needs root, warns and skips without).
+system-deps:
+	bash .ci/install-system-deps.sh
+
+venv:
 	@true
 
 targets:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,16 @@ class TrainConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The hardware a recipe was planned for; read by ``specforge-mcore plan``, ignored by training."""
+
+    hf_config: Optional[str] = None  # a config.json to plan from while target.hf_dir is not on this machine
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory: str = "80GiB"
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -148,11 +159,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -205,6 +220,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "2e-3" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 import traceback
@@ -17,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+from specforge_mcore.errors import UserError
 
 
 def free_port() -> int:
@@ -36,6 +39,9 @@ def _spawn_entry(rank: int, fn: Callable, world_size: int, port: int, result_dir
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(threads)
+    from specforge_mcore.platform import quiet_known_warnings
+
+    quiet_known_warnings()
     try:
         result = fn(rank, world_size, *args)
     except BaseException:
@@ -101,54 +107,89 @@ class LaunchEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+    launcher: str  # "torchrun" | "env" (spawn, or variables set by hand) | "mpi" | "slurm" | "single"
 
 
-def _first_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``node[01-04,07],gpu3``."""
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" not in head:
-        return head
-    prefix, rest = nodelist.split("[", 1)
-    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
-    return prefix + first
+def slurm_first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``node[01-04,07],gpu3`` -> ``node01``, ``r[1-2]-n[3-4]`` -> ``r1-n3``."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first host expression ends at the first comma outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
+
+
+def slurm_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed per-node task counts: ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            raise ValueError(f"cannot parse Slurm tasks-per-node {spec!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port every task of a job derives alike (the same rule as launch/srun.sh): 15000 + job id mod 20000."""
+    return 15000 + int(job_id) % 20000
+
+
+def _from_mpi(env: os._Environ) -> LaunchEnv:
+    """Rank, world and local rank from the MPI communicator; rank 0 names the rendezvous for gloo/NCCL."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError("launched under MPI, but mpi4py is not installed: it provides the ranks and the rendezvous "
+                        "(`pip install mpi4py`, after an MPI such as Open MPI is installed)") from None
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks sharing this node's memory
+    local, local_world = node.Get_rank(), node.Get_size()
+    node.Free()
+    if rank == 0:
+        rendezvous = (env.get("MASTER_ADDR") or socket.gethostname(),
+                      int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port())
+    else:
+        rendezvous = None
+    master, port = comm.bcast(rendezvous, root=0)
+    return LaunchEnv(rank, world, local, local_world, master, port, "mpi")
 
 
 def read_launch_env() -> LaunchEnv:
-    """Rank, world size and rendezvous from torchrun, Slurm or MPI; one process when none is found.
+    """Where this process sits in the job, from whichever launcher started it; one process when none did.
 
-    torchrun's variables win (``srun torchrun`` sets both); then Open MPI / MPICH (PMI) variables, with
-    mpi4py as the fallback when only an MPI communicator knows; then Slurm's own per-task variables.
+    Precedence, and why:
+    1. ``RANK``/``WORLD_SIZE`` (torchrun, ``spawn``, or set by hand): ``srun torchrun`` sets Slurm's too.
+    2. Open MPI (``OMPI_COMM_WORLD_SIZE``): ``mpirun`` inside a Slurm allocation inherits the allocation's
+       Slurm variables, which describe its daemons, not the ranks.
+    3. A Slurm job step (``srun``): ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS``. The batch script itself
+       has no step variables, so a missing ``srun`` is one process, not a job waiting for absent peers.
+    4. Other MPIs (MPICH/Intel Hydra ``PMI_SIZE``, PMIx ``PMIX_RANK``).
+    MPI ranks always come from ``mpi4py``, which also spreads rank 0's address and port.
     """
     env = os.environ
     port = int(env.get("MASTER_PORT", "29500"))
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
-                         env.get("MASTER_ADDR", "127.0.0.1"), port, "torchrun")
-    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
-        rank = int(env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK", env.get("PMIX_RANK", 0))))
-        world = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", 0)) or 0)
-        local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", 0)))
-        local_world = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env.get("MPI_LOCALNRANKS", 0)) or 0)
-        master = env.get("MASTER_ADDR")
-        if not world or master is None:
-            from mpi4py import MPI  # only needed when the MPI environment does not say it all
-
-            comm = MPI.COMM_WORLD
-            rank, world = comm.Get_rank(), comm.Get_size()
-            master = comm.bcast(socket.gethostname() if rank == 0 else None, root=0)
-            port = comm.bcast(port, root=0)
-            if not local_world:
-                hosts = comm.allgather(socket.gethostname())
-                local_world = hosts.count(socket.gethostname())
-                local = hosts[:rank].count(socket.gethostname())
-        return LaunchEnv(rank, world, local, local_world or world, master, port, "mpi")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]),
-                         env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                         port, "slurm")
+                         int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), env.get("MASTER_ADDR", "127.0.0.1"),
+                         port, "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpi(env)
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        per_node = slurm_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
+        node = int(env.get("SLURM_NODEID", 0))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         per_node[min(node, len(per_node) - 1)],
+                         env.get("MASTER_ADDR") or slurm_first_host(nodelist),
+                         int(env["MASTER_PORT"]) if "MASTER_PORT" in env else slurm_master_port(env["SLURM_JOB_ID"]),
+                         "slurm")
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
+        return _from_mpi(env)
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", port, "single")
 
 
@@ -161,6 +202,11 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(launch.local_rank)
+    elif launch.launcher in ("mpi", "slurm") and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks sharing a node would each start one thread per core and fight over them
+        # (torchrun sets OMP_NUM_THREADS=1 for this reason; mpirun and srun do not).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, min(cores, (os.cpu_count() or 1) // launch.local_world_size)))
     if launch.launcher == "single" and "MASTER_PORT" not in os.environ:
         launch.master_port = free_port()
     dist.init_process_group(
@@ -172,23 +218,54 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
     return launch
 
 
+def _groups_line(name: str, groups: list[tuple[int, ...]], limit: int = 8) -> str:
+    shown = ", ".join("[" + ",".join(map(str, g)) + "]" for g in groups[:limit])
+    more = f", ... ({len(groups)} groups)" if len(groups) > limit else ""
+    return f"  {name} groups: {shown}{more}"
+
+
 def describe_topology(layout, world_size: int, launch: LaunchEnv) -> str:
     """Collective (every rank calls it): the resolved groups, and which ranks hold which pipeline stage."""
-    import socket
-
     from megatron.core import parallel_state as ps
 
+    groups = {
+        "TP": ps.get_tensor_model_parallel_group(),
+        "PP": ps.get_pipeline_model_parallel_group(),
+        "EP": ps.get_expert_model_parallel_group(),
+        "DP": ps.get_data_parallel_group(),
+    }
     mine = dict(rank=dist.get_rank(), host=socket.gethostname(), local=launch.local_rank,
                 pp=ps.get_pipeline_model_parallel_rank(), tp=ps.get_tensor_model_parallel_rank(),
-                dp=ps.get_data_parallel_rank(), ep=ps.get_expert_model_parallel_rank())
+                dp=ps.get_data_parallel_rank(), ep=ps.get_expert_model_parallel_rank(),
+                groups={name: tuple(dist.get_process_group_ranks(g)) for name, g in groups.items()})
     everyone = [None] * world_size
     dist.all_gather_object(everyone, mine)
     dp = ps.get_data_parallel_world_size()
-    lines = [f"topology: world={world_size} (launcher: {launch.launcher}, master {launch.master_addr}:{launch.master_port}) "
-             f"target layout {layout}: TP={layout.tp} PP={layout.pp} EP={layout.ep} ETP={layout.expert_tp} "
-             f"SP={'on' if layout.sp else 'off'} DP={dp}; the draft trains data-parallel on all {world_size} ranks"]
+    hosts = sorted({r["host"] for r in everyone})
+    lines = [f"topology: world={world_size} on {len(hosts)} node(s) (launcher: {launch.launcher}, rendezvous "
+             f"{launch.master_addr}:{launch.master_port}); target layout {layout}: TP={layout.tp} PP={layout.pp} "
+             f"EP={layout.ep} ETP={layout.expert_tp} SP={'on' if layout.sp else 'off'} DP={dp}; "
+             f"the draft trains data-parallel on all {world_size} ranks"]
+    for name in groups:
+        lines.append(_groups_line(name, sorted({r["groups"][name] for r in everyone})))
     for stage in range(layout.pp):
         ranks = [r for r in everyone if r["pp"] == stage]
         cells = ", ".join(f"r{r['rank']}(tp{r['tp']} dp{r['dp']} ep{r['ep']} @{r['host']}:{r['local']})" for r in ranks)
         lines.append(f"  stage {stage}: {cells}")
     return "\n".join(lines)
+
+
+def raise_together(error: Optional[BaseException], src: int = 0) -> None:
+    """Collective: if rank ``src`` hit ``error``, every rank raises it (a UserError with its message);
+    nobody is left waiting in a later collective."""
+    from specforge_mcore.errors import UserError
+
+    holder = [None if error is None else (type(error).__name__, str(error), isinstance(error, UserError))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=src)
+    if holder[0] is None:
+        return
+    if error is not None:
+        raise error
+    name, message, is_user = holder[0]
+    raise (UserError(message) if is_user else RuntimeError(f"rank {src} failed with {name}: {message}"))

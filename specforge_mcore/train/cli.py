@@ -25,7 +25,8 @@ def main(args: argparse.Namespace) -> int:
     if args.profile:
         overrides.append("train.profile=true")
     if args.profile_steps:
-        overrides.append(f"train.profile_steps={args.profile_steps}")
+        # Quoted: YAML 1.1 would read an unquoted 2:4 as the base-60 integer 124.
+        overrides.append(f"train.profile_steps='{args.profile_steps}'")
     cfg = load_config(args.config, overrides)
     out_dir = args.out or cfg.train.out_dir
     if not out_dir:
