@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    from specforge_mcore.platform import quiet_known_warnings
+
+    quiet_known_warnings()
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"specforge-mcore {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except UserError as exc:
-        print(f"specforge-mcore {name}: error: {exc}", file=sys.stderr)
+        # One line per job, not one per rank (every rank of a torchrun/srun/mpirun job raises it).
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0:
+            print(f"specforge-mcore {name}: error: {exc}", file=sys.stderr)
         return 2
 
 

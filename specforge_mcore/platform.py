@@ -158,6 +158,26 @@ def apply_cpu_shims() -> None:
     schedules.torch = _CpuTorchForSchedules()
 
     _shim_uneven_tp_collectives()
+    _shim_tied_embedding_sync()
+
+
+def _shim_tied_embedding_sync() -> None:
+    """models/common/language_module.setup_embeddings_and_output_layer: with tied embeddings and
+    PP > 1, the first and last stages sync their copies with ``weight.data = weight.data.cuda()`` and an
+    all-reduce. On CPU the tensor stays where it is for that call (the all-reduce runs on gloo)."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        tensor_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = tensor_cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
 def _shim_uneven_tp_collectives() -> None:

@@ -23,7 +23,7 @@ _BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_l
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
              max_position_embeddings=2048, tie_word_embeddings=False)
 DEFAULTS: dict[str, tuple[str, dict]] = {
-    "llama": ("LlamaConfig", dict(_BASE, rope_theta=10000.0)),
+    "llama": ("LlamaConfig", dict(_BASE, rope_theta=10000.0, tie_word_embeddings=True)),  # tied, like SmolLM2
     "qwen3": ("Qwen3Config", dict(_BASE, rope_theta=1000000.0)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(_BASE, rope_theta=1000000.0, num_experts=4, num_experts_per_tok=2,
                                           moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1,

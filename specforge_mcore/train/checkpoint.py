@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.train import faults
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -107,6 +108,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
         _fsync_file(path)
         if rank == 0:
             write_rank0(tmp)
+            faults.in_save(step, rank)
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as fh:
                 json.dump(trainer_state, fh, indent=2)
             for name in os.listdir(tmp):

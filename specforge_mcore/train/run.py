@@ -35,8 +35,10 @@ def run_training(cfg: RunConfig, out_dir: str) -> list[dict]:
     return history
 
 
-def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_weights: bool = True):
-    """One rank of a training job started by ``specforge_mcore.parallel.spawn`` (tests, benchmarks)."""
+def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_weights: bool = True,
+                 eval_first: bool = False):
+    """One rank of a training job started by ``specforge_mcore.parallel.spawn`` (tests, benchmarks).
+    ``eval_first`` also evaluates the untrained draft on the held-out split."""
     import torch.distributed as dist
 
     from specforge_mcore.config import config_from_dict
@@ -44,9 +46,10 @@ def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_wei
 
     cfg = config_from_dict(cfg_tree)
     trainer = Trainer(cfg, out_dir, resume=cfg.train.resume, quiet=True)
+    before = trainer.evaluate() if eval_first else None
     history = trainer.fit()
     weights = {k: v.detach().cpu().clone() for k, v in trainer.draft.trainable_state_dict().items()} \
         if return_weights and rank == 0 else None
     if dist.is_initialized():
         dist.barrier()
-    return {"history": history, "weights": weights, "rank": rank}
+    return {"history": history, "weights": weights, "rank": rank, "eval_before": before}

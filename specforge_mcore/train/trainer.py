@@ -106,7 +106,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str, resume: bool = False, quiet: bool = False):
         from megatron.core import parallel_state as ps
 
-        from specforge_mcore.parallel import describe_topology, init_distributed
+        from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
         from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
         from specforge_mcore.target.families import family_for
         from specforge_mcore.target.host import TargetHost
@@ -118,9 +118,13 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = platform.device()
         self.is_main = self.rank == 0
+        error = None
         if self.is_main:
-            check_writable(out_dir)
-        self._barrier()
+            try:
+                check_writable(out_dir)
+            except UserError as exc:
+                error = exc
+        raise_together(error)
 
         tc = cfg.target
         self.layout = Layout(tp=tc.tp, pp=tc.pp, ep=tc.ep, etp=tc.etp, sp=tc.sp, dispatcher=tc.moe_token_dispatcher)
@@ -145,7 +149,9 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.nonfinite_in_a_row = 0
-        if resume:
+        # A job restarted by torchrun (--max-restarts) continues from its latest checkpoint by itself.
+        self.restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if resume or self.restarted:
             self._resume()
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -158,6 +164,8 @@ class Trainer:
         from specforge_mcore.data.tokenize import check_tokenizer_matches
 
         cfg = self.cfg
+        # Before any data work: a tokenizer that does not fit the target is an error, not garbage features.
+        check_tokenizer_matches(load_tokenizer(cfg), int(self.hf["vocab_size"]), f"{self.hf_dir}/config.json")
         if self.is_main:  # one rank builds the cache; the others read it
             train, evaluation, bad = prepare_data(cfg)
             if not self.quiet:
@@ -165,7 +173,6 @@ class Trainer:
         self._barrier()
         if not self.is_main:
             train, evaluation, bad = prepare_data(cfg)
-        check_tokenizer_matches(load_tokenizer(cfg), int(self.hf["vocab_size"]), f"{self.hf_dir}/config.json")
         if len(train) < self.plan.global_batch:
             raise UserError(f"the training data has {len(train)} packed rows, fewer than one global batch "
                             f"(train.global_batch_size={self.plan.global_batch})")
@@ -293,6 +300,11 @@ class Trainer:
                              loss_impl=kernels.loss, projection_impl=kernels.projection,
                              loss_chunk_tokens=kernels.loss_chunk_tokens)
         if train:
+            from specforge_mcore.train import faults
+
+            if faults.poison_loss(self.step + 1, self.rank):
+                out.loss = out.loss * float("nan")
+                out.weighted_step_losses = out.weighted_step_losses * float("nan")
             with timer("draft_backward"):
                 out.loss.backward()
         real_tokens = int(data.row_lengths[mine].sum())
@@ -329,6 +341,12 @@ class Trainer:
             totals[2] += v.cpu()
             tokens += t
         params = [p for _, p in self.params]
+        # Which ranks produced a non-finite loss or gradient (before the all-reduce spreads it).
+        local_bad = not bool(torch.isfinite(totals[0]).all()) or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
+        bad_ranks = torch.zeros(self.world)
+        bad_ranks[self.rank] = float(local_bad)
+        dist.all_reduce(bad_ranks)
         with timer("grad_reduce"):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
@@ -338,17 +356,20 @@ class Trainer:
         metrics = self._reduce_metrics(*totals, tokens)
         with timer("optimizer"):
             norm = global_grad_norm(params)
-            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm))
-            metrics.update(grad_norm=float(norm), lr=self.scheduler.get_last_lr()[0], skipped=not finite)
+            finite = math.isfinite(metrics["loss"]) and bool(torch.isfinite(norm)) and not bool(bad_ranks.any())
+            metrics.update(grad_norm=float(norm), lr=self.scheduler.get_last_lr()[0], skipped=not finite,
+                           rows=rows.tolist())
             if finite:
                 clip_(params, norm, self.cfg.optim.clip_grad)
                 self.optimizer.step()
                 self.nonfinite_in_a_row = 0
             else:
                 self.nonfinite_in_a_row += 1
-                print(f"[rank {self.rank}] step {self.step}: non-finite loss={metrics['loss']} or grad norm="
-                      f"{float(norm)} (rows {rows[:4].tolist()}...); step skipped "
-                      f"({self.nonfinite_in_a_row} in a row)", file=sys.stderr, flush=True)
+                culprits = [r for r in range(self.world) if bad_ranks[r] > 0]
+                if self.is_main:
+                    print(f"step {self.step + 1}: non-finite loss or gradient on rank(s) {culprits} "
+                          f"(loss={metrics['loss']}, grad norm={float(norm)}; global batch rows {rows.tolist()}): "
+                          f"step skipped, {self.nonfinite_in_a_row} in a row", file=sys.stderr, flush=True)
                 if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite_steps:
                     raise NonFiniteError(f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or "
                                          f"gradient (last at step {self.step}); stopping "
@@ -356,6 +377,9 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        from specforge_mcore.train import faults
+
+        faults.after_step(self.step, self.rank)
         return metrics
 
     @torch.no_grad()
@@ -409,7 +433,14 @@ class Trainer:
 
             save_config(config_from_dict(cfg), os.path.join(directory, "config.yaml"))
 
-        return save_checkpoint(self.out_dir, self.step, write, self.trainer_state(), self.cfg.train.keep_checkpoints)
+        from specforge_mcore.train.checkpoint import CheckpointWriteError, latest_checkpoint
+
+        try:
+            return save_checkpoint(self.out_dir, self.step, write, self.trainer_state(), self.cfg.train.keep_checkpoints)
+        except CheckpointWriteError as exc:
+            last = latest_checkpoint(self.out_dir)
+            raise CheckpointWriteError(f"{exc}; training stopped at step {self.step}. Last good checkpoint: "
+                                       f"{last or 'none'} (resume with --resume once the disk has room)") from None
 
     def _resume(self) -> None:
         from safetensors.torch import load_file
@@ -438,6 +469,8 @@ class Trainer:
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step = int(state["step"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if self.is_main:
+            truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), self.step)
         rng = load_rng(path, self.rank)
         if rng is not None:
             set_rng_state(rng)
@@ -452,8 +485,10 @@ class Trainer:
 
         from specforge_mcore.train.metrics import MetricsWriter, plot_metrics
         from specforge_mcore.train.phases import PhaseTimer
+        from specforge_mcore.train.profile import StepProfiler
 
         cfg = self.cfg.train
+        profiler = StepProfiler.for_trainer(self)  # inert unless train.profile
         writer = MetricsWriter(self.out_dir, cfg.tensorboard, append=self.step > 0) if self.is_main else None
         if self.is_main:
             save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
@@ -464,10 +499,12 @@ class Trainer:
         last_saved = None
         stop_at = min(self.total_steps, cfg.exit_after_step or self.total_steps)
         while self.step < stop_at:
+            profiler.begin(self.step)
             start = time.perf_counter()
             metrics = self.train_step(timer)
             seconds = time.perf_counter() - start
             phases = timer.take()
+            profiler.end(self.step, phases, seconds)
             record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, **metrics,
                       "tokens_per_s": metrics["tokens"] / seconds, "step_seconds": seconds,
                       "phases": phases, "peak_memory_bytes": peak_memory_bytes(self.device)}
@@ -482,6 +519,7 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0:
                 last_saved = self.save()
         bar.close()
+        profiler.close()
         if self.step < self.total_steps:  # exit_after_step: checkpoint and leave; --resume continues
             if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
                 self.save()
@@ -500,6 +538,18 @@ class Trainer:
                 plot_metrics(os.path.join(self.out_dir, "metrics.jsonl"), os.path.join(self.out_dir, "training.png"),
                              title=f"{self.cfg.name}: {self.hf_dir}")
         return history
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop logged steps after ``step``: they are redone after a resume, and each step is logged once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
 
 
 class NonFiniteError(UserError):

@@ -1,0 +1,51 @@
+"""Fault injection for the reliability tests: real faults at exact points of a real run.
+
+Off unless ``SPECFORGE_MCORE_FAULT`` is set; a comma-separated list of
+
+* ``kill:STEP:RANK``     SIGKILL rank RANK right after optimizer step STEP (first attempt only),
+* ``kill_in_save:STEP``  SIGKILL rank 0 in the middle of writing checkpoint step_STEP (first attempt only),
+* ``enospc_in_save:STEP``  the checkpoint write of step_STEP fails with "No space left on device",
+* ``nan:STEP:RANK``      rank RANK's loss becomes NaN at optimizer step STEP (1-based, every attempt).
+  ``STEP`` may be ``*`` for every step.
+
+"First attempt" is read from torchrun's ``TORCHELASTIC_RESTART_COUNT``: a restarted job must not be
+killed again at the same point.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+
+def _faults() -> list[list[str]]:
+    text = os.environ.get("SPECFORGE_MCORE_FAULT", "")
+    return [item.split(":") for item in text.split(",") if item.strip()]
+
+
+def _first_attempt() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+
+
+def _matches(value: str, actual: int) -> bool:
+    return value == "*" or int(value) == actual
+
+
+def after_step(step: int, rank: int) -> None:
+    for fault in _faults():
+        if fault[0] == "kill" and _first_attempt() and _matches(fault[1], step) and int(fault[2]) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_save(step: int, rank: int) -> None:
+    """Called by rank 0 after part of checkpoint step_STEP is written, before it is complete."""
+    for fault in _faults():
+        if fault[0] == "kill_in_save" and _first_attempt() and _matches(fault[1], step) and rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault[0] == "enospc_in_save" and _matches(fault[1], step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def poison_loss(step: int, rank: int) -> bool:
+    return any(f[0] == "nan" and _matches(f[1], step) and int(f[2]) == rank for f in _faults())

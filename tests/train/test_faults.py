@@ -1,0 +1,154 @@
+"""Reliability under real faults (DESIGN §8): each test injects the fault into a real run.
+
+Faults are injected with ``SPECFORGE_MCORE_FAULT`` (specforge_mcore/train/faults.py): a SIGKILL of one
+rank after a step, a SIGKILL in the middle of a checkpoint write, ENOSPC during a write, a NaN loss.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specforge_mcore.config import config_to_dict, load_config
+from specforge_mcore.parallel import free_port, spawn
+from specforge_mcore.train.checkpoint import latest_checkpoint, list_checkpoints
+from specforge_mcore.train.run import train_worker
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLI = [sys.executable, "-m", "specforge_mcore.cli"]
+COMMON = ["train.eval_every=0", "train.plot=false", "train.keep_checkpoints=10"]
+
+
+def cli(args, env_extra=None, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run(CLI + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc, args, env_extra=None, max_restarts=0, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "specforge_mcore.cli"] + args
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def reference_run(world, out_dir, *overrides):
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={out_dir}", *COMMON, *overrides])
+    return spawn(train_worker, world, config_to_dict(cfg), str(out_dir))[0]
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(latest_checkpoint(str(out_dir)), "draft.safetensors"))
+
+
+def logged_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return [(r["step"], r["rows"]) for r in map(json.loads, fh) if "rows" in r]
+
+
+def assert_one_clean_error(proc, pattern):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and pattern in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path):
+    args = ["target.ep=2", "train.max_steps=6", "train.save_every=2"]
+    reference = reference_run(2, tmp_path / "reference", *args)
+    out = tmp_path / "killed"
+    proc = torchrun(2, ["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, *args],
+                    env_extra={"SPECFORGE_MCORE_FAULT": "kill:3:1"}, max_restarts=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout + proc.stderr  # the restarted job found its checkpoint by itself
+    for key, value in reference["weights"].items():
+        assert torch.equal(final_weights(out)[key], value), f"{key} differs from the uninterrupted run"
+    # every step's data exactly once, and the same data as the uninterrupted run
+    assert logged_rows(out) == logged_rows(tmp_path / "reference")
+    assert [s for s, _ in logged_rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_killed_while_writing_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, "train.max_steps=5", "train.save_every=2"]
+    proc = cli(args, {"SPECFORGE_MCORE_FAULT": "kill_in_save:4"})
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL
+    assert [step for step, _ in list_checkpoints(str(out))] == [2]  # the partial step_4 is not a checkpoint
+    assert os.path.isdir(out / "checkpoints" / ".tmp-step_4")
+    resumed = cli(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_2 at step 2" in resumed.stdout
+    reference = reference_run(1, tmp_path / "reference", "train.max_steps=5", "train.save_every=2")
+    for key, value in reference["weights"].items():
+        assert torch.equal(final_weights(out)[key], value)
+
+
+def test_unwritable_output_directory_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(blocker / "run")], timeout=300)
+    assert_one_clean_error(proc, f"output directory {blocker / 'run'} is not writable")
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_stops_and_names_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, "train.max_steps=4",
+                "train.save_every=1"], {"SPECFORGE_MCORE_FAULT": "enospc_in_save:2"})
+    assert_one_clean_error(proc, "No space left on device")
+    assert f"Last good checkpoint: {out / 'checkpoints' / 'step_1'}" in proc.stderr
+    assert [step for step, _ in list_checkpoints(str(out))] == [1]
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size(tmp_path):
+    """Saved by 2 ranks, resumed by 1: the replicated draft and AdamW state need no resharding."""
+    args = ["train.max_steps=4", "train.save_every=2", "train.global_batch_size=2"]
+    straight = reference_run(2, tmp_path / "straight", "target.ep=2", *args)
+    reference_run(2, tmp_path / "moved", "target.ep=2", "train.exit_after_step=2", *args)
+    resumed = reference_run(1, tmp_path / "moved", "train.resume=true", *args)
+    assert [r["step"] for r in resumed["history"] if "loss" in r] == [3, 4]
+    for key, value in straight["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped_and_repeated_ones_abort(tmp_path):
+    out = tmp_path / "one"
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, "train.max_steps=3"],
+               {"SPECFORGE_MCORE_FAULT": "nan:2:0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 2: non-finite loss or gradient on rank(s) [0]" in proc.stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl") if '"skipped"' in line]
+    assert [r["skipped"] for r in records] == [False, True, False]
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "all"), *COMMON,
+                "train.max_steps=6", "train.max_nonfinite_steps=3"], {"SPECFORGE_MCORE_FAULT": "nan:*:0"})
+    assert_one_clean_error(proc, "3 consecutive steps had a non-finite loss or gradient")
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path), "optim.learning_rate=1"], timeout=300)
+    assert_one_clean_error(proc, "unknown key optim.learning_rate")
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path), "train.max_steps=ten"], timeout=300)
+    assert_one_clean_error(proc, "train.max_steps: expected an integer, got 'ten'")
+
+
+@pytest.mark.slow
+def test_tokenizer_that_does_not_fit_the_target(tmp_path):
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path), "target.random.hf_config.vocab_size=512"])
+    assert_one_clean_error(proc, "512")
+
+
+@pytest.mark.slow
+def test_draft_checkpoint_for_another_target(tmp_path):
+    first = reference_run(1, tmp_path / "small", "train.max_steps=1", "train.save_every=1")
+    assert first["history"]
+    ckpt = latest_checkpoint(str(tmp_path / "small"))
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "other"),
+                "target.random.hf_config.hidden_size=96", f"draft.init_from={ckpt}"])
+    assert_one_clean_error(proc, "target hidden states of size 64, this target's hidden_size is 96")
