@@ -34,8 +34,20 @@ targets:
 	$(VENV)/bin/specforge-mcore prepare-target smollm2 --out $(SMOLLM2)
 	$(VENV)/bin/specforge-mcore prepare-target smollm2 --upcycle-moe 4 --topk 2 --out $(SMOLLM2_MOE)
 
+SF := $(VENV)/bin/specforge-mcore
+DEMO_CONFIG := configs/demo-smollm2.yaml
+DEMO_OUT := runs/demo-smollm2
+EVAL_ARGS := --configs 3,1,4 7,1,8 --num-prompts 8 --max-new-tokens 64
+
+# The whole path on the CPU default: target -> data -> draft vocab -> train -> export -> speculative decoding.
 demo:
-	@echo "demo: not wired yet"
+	$(SF) prepare-target smollm2 --out $(SMOLLM2)
+	$(SF) prepare-data --config $(DEMO_CONFIG)
+	$(SF) build-vocab --config $(DEMO_CONFIG) --out $(DEMO_OUT)/vocab.safetensors
+	$(SF) train --config $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite
+	$(SF) export --checkpoint $(DEMO_OUT) --out $(DEMO_OUT)/export --format sglang --overwrite
+	$(SF) eval --target $(SMOLLM2) --draft $(DEMO_OUT)/export --prompts gsm8k $(EVAL_ARGS) --out $(DEMO_OUT)/eval-gsm8k
+	$(SF) eval --target $(SMOLLM2) --draft $(DEMO_OUT)/export --prompts humaneval $(EVAL_ARGS) --out $(DEMO_OUT)/eval-humaneval
 
 test:
 	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800

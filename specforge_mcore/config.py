@@ -54,6 +54,15 @@ class TargetConfig:
     micro_batch_size: int = 1  # sequences per target micro-batch in the pipeline schedule
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    # Block-FP8 checkpoints (quantization_config quant_method "fp8" with weight_block_size, as the official
+    # Qwen3-*-FP8 and DeepSeek-V3 releases): "dequantize" expands the weights to `dtype` at load (any
+    # device, any layout); "native" keeps the decoder's linear weights in FP8 with their block scales (half
+    # the memory of bf16; layouts must not cut a block) and runs FP8 GEMMs on GPUs that have them (others
+    # dequantize each weight for its GEMM); "auto": native on CUDA, dequantize on CPU. Ignored otherwise.
+    fp8: Literal["auto", "dequantize", "native"] = "auto"
+    # On-the-fly FP8 for a full-precision target: "fp8" quantizes the loaded linear weights to FP8 with
+    # 128x128 block scales through NVIDIA ModelOpt (pip install nvidia-modelopt) and keeps them compressed.
+    quantize: Literal["none", "fp8"] = "none"
 
 
 @dataclass
@@ -133,6 +142,8 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
+    # Starting afresh where checkpoints exist is refused unless overwrite (then they are deleted).
+    overwrite: bool = False
     max_nonfinite_steps: int = 5
     tensorboard: bool = False
     plot: bool = True

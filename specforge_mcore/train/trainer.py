@@ -96,6 +96,24 @@ def check_writable(out_dir: str) -> None:
         raise UserError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from None
 
 
+def check_fresh_start(out_dir: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run must not mix its checkpoints with an earlier run's (``latest`` would pick theirs)."""
+    from specforge_mcore.train.checkpoint import checkpoints_dir, list_checkpoints
+
+    found = list_checkpoints(out_dir)
+    if resume or not found:
+        return
+    if not overwrite:
+        raise UserError(f"{out_dir} already holds checkpoints up to step_{found[-1][0]}: pass --resume to continue "
+                        "that run, --overwrite to discard it, or another --out")
+    import shutil
+
+    shutil.rmtree(checkpoints_dir(out_dir))
+    for name in ("metrics.jsonl", "training.png"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -118,10 +136,12 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = platform.device()
         self.is_main = self.rank == 0
+        self.restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         error = None
         if self.is_main:
             try:
                 check_writable(out_dir)
+                check_fresh_start(out_dir, resume or self.restarted, cfg.train.overwrite)
             except UserError as exc:
                 error = exc
         raise_together(error)
@@ -142,7 +162,10 @@ class Trainer:
 
         target_dtype = getattr(torch, tc.dtype)
         self.host = TargetHost(self.hf_dir, self.layout, target_dtype, tc.capture_layer_ids,
-                               teacher_impl=cfg.kernels.teacher, teacher_chunk_tokens=cfg.kernels.teacher_chunk_tokens)
+                               teacher_impl=cfg.kernels.teacher, teacher_chunk_tokens=cfg.kernels.teacher_chunk_tokens,
+                               fp8=tc.fp8, quantize=tc.quantize)
+        if self.is_main and not quiet and self.host.weights_note:
+            print(self.host.weights_note, flush=True)
         self.hf = self.host.hf
         self._setup_data()
         self._setup_draft()
@@ -150,7 +173,6 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         # A job restarted by torchrun (--max-restarts) continues from its latest checkpoint by itself.
-        self.restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         if resume or self.restarted:
             self._resume()
 
