@@ -23,12 +23,8 @@ venv:
 	$(PIP) install -q -c $(CONSTRAINTS) -r requirements/base.txt
 	$(PIP) install -q -c $(CONSTRAINTS) --no-build-isolation -e .
 
-sglang-# Open MPI and Slurm for the launcher tests (Debian packages; needs root, warns and skips without).
-system-deps:
-	bash .ci/install-system-deps.sh
-
-venv:
-	@true
+sglang-venv:
+	bash tests/export/make_sglang_venv.sh
 
 targets:
 	$(VENV)/bin/specforge-mcore prepare-target smollm2 --out $(SMOLLM2)
