@@ -1,0 +1,462 @@
+"""Fused draft head + TTT loss for one TTT step, without a ``[T, Vd]`` logits tensor kept for backward.
+
+    z      = rms_norm(o, norm) @ lm_head.T                    draft logits (fp32 accumulation)
+    p      = softmax(teacher logits)   or the given probs    teacher over the draft vocabulary
+    loss   = weight * sum_{t: mask} -sum_v p[t, v] * log_softmax(z[t])[v]
+    correct = #{t: mask, argmax z[t] == argmax teacher[t]}
+
+The per-position loss is rewritten as ``sum(p) * lse(z) - sum_v p_v z_v``, so a pass over the vocabulary
+needs only running values per token: the max and sum-exp of z (online logsumexp), of the teacher logits,
+the p-weighted sum of z, and the two running argmaxes. Backward keeps those per-token statistics and
+recomputes logits tile by tile: ``dz = coef * (softmax(z) * sum(p) - p)``.
+
+The teacher is either (a) ``teacher_probs [T, Vd]`` or (b) ``teacher_hidden [T, Ht]`` with
+``teacher_weight [Vd, Ht]`` (the t2d rows of the target's output layer), whose logits are then formed in
+the same tiles as the draft's (two GEMMs, two online softmaxes, one pass over Vd). The teacher gets no
+gradient (the target is frozen).
+
+Paths: ``ttt_step_loss_reference`` (materialised logits: the spec), ``ttt_step_loss_chunked`` (CPU: token
+chunks with torch ops, recompute in backward), ``ttt_step_loss_triton`` (CUDA: a Triton kernel for the
+statistics, a Triton kernel that writes one token chunk's dz, cuBLAS for dx and dW).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ._common import (INTERPRET, accumulate_mm, check_impl, rms_norm, rms_norm_backward, rms_norm_rstd, triton)
+
+__all__ = ["ttt_step_loss_reference", "ttt_step_loss_chunked", "ttt_step_loss_triton", "fused_ttt_step_loss"]
+
+Weight = Union[float, torch.Tensor]
+
+
+def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
+                            position_mask: torch.Tensor, weight: Weight, *,
+                            teacher_probs: Optional[torch.Tensor] = None,
+                            teacher_hidden: Optional[torch.Tensor] = None,
+                            teacher_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum, correct) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against."""
+    logits = (rms_norm(o, norm_weight, eps) @ lm_head_weight.t()).float()
+    if teacher_probs is not None:
+        probs = teacher_probs.float()
+        teacher_choice = probs.argmax(-1)
+    else:
+        teacher_logits = (teacher_hidden @ teacher_weight.t()).float()
+        probs = torch.softmax(teacher_logits, -1)
+        teacher_choice = teacher_logits.argmax(-1)
+    per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1)
+    mask = position_mask.bool()
+    loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
+    correct = ((logits.argmax(-1) == teacher_choice) & mask).sum()
+    return loss_sum, correct
+
+
+def _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher_hidden, teacher_weight) -> None:
+    H = o.shape[-1]
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"ttt loss: lm_head.weight has shape {tuple(lm_head_weight.shape)}, expected [Vd, {H}]")
+    vocab = lm_head_weight.shape[0]
+    if norm_weight.shape != (H,):
+        raise ValueError(f"ttt loss: norm.weight has shape {tuple(norm_weight.shape)}, expected [{H}]")
+    if position_mask.shape != o.shape[:-1]:
+        raise ValueError(f"ttt loss: position_mask has shape {tuple(position_mask.shape)}, "
+                         f"expected {tuple(o.shape[:-1])}")
+    if (teacher_probs is None) == (teacher_hidden is None):
+        raise ValueError("ttt loss: give the teacher as teacher_probs or as teacher_hidden + teacher_weight, not both")
+    if teacher_probs is not None:
+        if teacher_probs.shape != (*o.shape[:-1], vocab):
+            raise ValueError(f"ttt loss: teacher_probs has shape {tuple(teacher_probs.shape)}, "
+                             f"expected {(*o.shape[:-1], vocab)}")
+        teachers = [teacher_probs]
+    else:
+        if teacher_weight is None or teacher_weight.dim() != 2 or teacher_weight.shape[0] != vocab:
+            raise ValueError(f"ttt loss: teacher_weight must be [{vocab}, Ht] "
+                             "(the t2d rows of the target's output layer)")
+        if teacher_hidden.shape != (*o.shape[:-1], teacher_weight.shape[1]):
+            raise ValueError(f"ttt loss: teacher_hidden has shape {tuple(teacher_hidden.shape)}, "
+                             f"expected {(*o.shape[:-1], teacher_weight.shape[1])}")
+        teachers = [teacher_hidden, teacher_weight]
+    if any(t.requires_grad for t in teachers):
+        raise ValueError("ttt loss: the teacher comes from the frozen target and must not require grad")
+
+
+def _coefficients(grad_loss: torch.Tensor, weight: Weight, position_mask: torch.Tensor) -> torch.Tensor:
+    """d loss_sum / d per_position[t]: the upstream gradient times the step weight, zero off the mask."""
+    return grad_loss.float() * weight * position_mask.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU path
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk_teacher(rows: torch.Tensor, teacher_probs, teacher_hidden, teacher_weight) -> torch.Tensor:
+    """The teacher rows ``rows`` as a fresh fp32 tensor: probabilities, or logits in hidden mode."""
+    if teacher_probs is not None:
+        return teacher_probs.index_select(0, rows).float()
+    return (teacher_hidden.index_select(0, rows) @ teacher_weight.t()).float()
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """Row logsumexp of ``x``, overwriting ``x`` (torch.logsumexp would allocate another [rows, Vd])."""
+    top = x.amax(-1)
+    return top + x.sub_(top[:, None]).exp_().sum(-1).log_()
+
+
+def _softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Turn logits ``x`` into probabilities in place; return their logsumexp."""
+    top = x.amax(-1)
+    total = x.sub_(top[:, None]).exp_().sum(-1)
+    x.div_(total[:, None])
+    return top + total.log()
+
+
+class _TTTLossChunked(torch.autograd.Function):
+    """Only positions inside the mask are computed at all: they are gathered chunk by chunk (masked
+    positions add nothing to the loss or the gradients, and the reference pays for them in full)."""
+
+    @staticmethod
+    def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
+                teacher_probs, teacher_hidden, teacher_weight):
+        probs_mode = teacher_probs is not None
+        valid = torch.nonzero(position_mask).squeeze(1)
+        lse = torch.empty(len(valid), dtype=torch.float32, device=o.device)
+        # probs mode: sum_v p (not exactly 1 for bf16 probs); hidden mode: the teacher's logsumexp.
+        teacher_stat = torch.empty_like(lse)
+        total = torch.zeros((), dtype=torch.float32, device=o.device)
+        correct = torch.zeros((), dtype=torch.int64, device=o.device)
+        for c0 in range(0, len(valid), chunk):
+            rows, span = valid[c0:c0 + chunk], slice(c0, c0 + chunk)
+            # Two [chunk, Vd] fp32 buffers, the draft's and the teacher's, transformed in place.
+            logits = (rms_norm(o.index_select(0, rows), norm_weight, eps) @ lm_head_weight.t()).float()
+            teacher = _chunk_teacher(rows, teacher_probs, teacher_hidden, teacher_weight)
+            correct += (logits.argmax(-1) == teacher.argmax(-1)).sum()
+            if probs_mode:
+                teacher_stat[span] = probs_sum = teacher.sum(-1)
+            else:
+                teacher_stat[span] = _softmax_(teacher)
+                probs_sum = 1.0
+            # sum_v p log_softmax(z)_v = sum(p) * lse(z) - sum_v p_v z_v
+            cross = teacher.mul_(logits).sum(-1)
+            lse[span] = _logsumexp_(logits)
+            total += (probs_sum * lse[span] - cross).sum()
+            del logits, teacher  # before the next chunk's are allocated, not after
+        ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
+        ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_stat,
+                              *((teacher_probs,) if probs_mode else (teacher_hidden, teacher_weight)))
+        ctx.mark_non_differentiable(correct)
+        return weight * total, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        o, norm_weight, lm_head_weight, valid, lse, teacher_stat, *teacher = ctx.saved_tensors
+        teacher_args = (teacher[0], None, None) if ctx.probs_mode else (None, *teacher)
+        need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
+        coef = grad_loss.float() * ctx.weight  # the same for every position inside the mask
+        H = o.shape[1]
+        d_o = torch.zeros_like(o) if need_o else None
+        d_norm = torch.zeros(H, dtype=torch.float32, device=o.device)
+        d_head = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=o.device) if need_head else None
+        for c0 in range(0, len(valid), ctx.chunk):
+            rows, span = valid[c0:c0 + ctx.chunk], slice(c0, c0 + ctx.chunk)
+            o_c = o.index_select(0, rows)
+            rstd = rms_norm_rstd(o_c, ctx.eps)
+            normed = (o_c.float() * rstd[:, None]).to(o.dtype) * norm_weight
+            # dz = coef * (softmax(z) * sum(p) - p), built in place in the recomputed logits buffer.
+            d_logits = (normed @ lm_head_weight.t()).float().sub_(lse[span, None]).exp_()
+            teacher_c = _chunk_teacher(rows, *teacher_args)
+            if ctx.probs_mode:
+                d_logits.mul_(teacher_stat[span, None])
+            else:
+                teacher_c.sub_(teacher_stat[span, None]).exp_()
+            d_logits = d_logits.sub_(teacher_c).mul_(coef).to(o.dtype)
+            del teacher_c
+            if need_head:
+                accumulate_mm(d_head, d_logits.t(), normed)
+            if need_o or need_norm:
+                d_o_c, d_norm_c = rms_norm_backward(o_c, rstd, norm_weight, d_logits @ lm_head_weight)
+                d_norm += d_norm_c
+                if need_o:
+                    d_o.index_copy_(0, rows, d_o_c)
+            del d_logits  # before the next chunk's is allocated, not after
+        return (None, None, None, d_o, d_norm.to(norm_weight.dtype) if need_norm else None,
+                d_head.to(lm_head_weight.dtype) if need_head else None, None, None, None, None)
+
+
+def ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
+                          teacher_hidden=None, teacher_weight=None, chunk_tokens: int = 1024):
+    """The CPU path: chunks of ``chunk_tokens`` positions inside the mask, per-position statistics saved,
+    logits recomputed in backward."""
+    return _TTTLossChunked.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
+                                 teacher_probs, teacher_hidden, teacher_weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+    import triton.language as tl
+
+    from ._common import _scale_rounded, dot_precision, launch_options, rms_norm_backward_triton, rms_norm_triton, \
+        row_rstd_triton
+
+    @triton.jit
+    def _logits_tile(X, stride_x, rows, row_ok, rstd, NW, W, stride_w, cols, col_ok, K,
+                     NORM: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        """fp32 ``[BT, BV]`` tile of (rms_norm(x) if NORM else x) @ W[cols].T, rounded to x's dtype like the
+        reference's GEMM output."""
+        acc = tl.zeros((BT, BV), tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                nw = tl.load(NW + ks, mask=k_ok, other=0.0)
+                x = _scale_rounded(x, rstd[:, None], nw[None, :]).to(x.dtype)
+            w = tl.load(W + cols.to(tl.int64)[:, None] * stride_w + ks[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (DESIGN.md section 3)
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        return acc.to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _ttt_loss_fwd_kernel(O, RSTD, NW, WL, TP, TH, TW, STATS, CHOICE, T, H, HT, VD, v_per_split,
+                             stride_o, stride_wl, stride_tp, stride_th, stride_tw,
+                             TEACHER_HIDDEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                             TPREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        """Per (token block, vocab split): online statistics of draft and teacher over the split's columns.
+
+        STATS[:, split, t] = (max z, sum exp(z - max), best z, teacher max, teacher sum-exp or sum p,
+        p-weighted sum of z (relative to the teacher max)), CHOICE[:, split, t] = (argmax z, argmax teacher).
+        """
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        row_ok = rows < T
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        v_begin = split * v_per_split
+        v_end = tl.minimum(v_begin + v_per_split, VD)
+        m = tl.full((BT,), float("-inf"), tl.float32)
+        s = tl.zeros((BT,), tl.float32)
+        best_idx = tl.zeros((BT,), tl.int32)
+        t_m = tl.full((BT,), float("-inf"), tl.float32)
+        t_s = tl.zeros((BT,), tl.float32)
+        t_best = tl.full((BT,), float("-inf"), tl.float32)
+        t_idx = tl.zeros((BT,), tl.int32)
+        cross = tl.zeros((BT,), tl.float32)
+        for v0 in range(v_begin, v_end, BV):
+            cols = v0 + tl.arange(0, BV)
+            col_ok = cols < v_end
+            z = _logits_tile(O, stride_o, rows, row_ok, rstd, NW, WL, stride_wl, cols, col_ok, H,
+                             True, UPCAST, PREC, BT, BV, BK)
+            z = tl.where(col_ok[None, :], z, float("-inf"))
+            tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            # m doubles as the running best value: strict '>' keeps the earliest column on ties.
+            best_idx = tl.where(tile_max > m, v0 + tile_arg, best_idx)
+            m_new = tl.maximum(m, tile_max)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = m_new
+            z0 = tl.where(col_ok[None, :], z, 0.0)
+            if TEACHER_HIDDEN:
+                tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
+                                  False, UPCAST, TPREC, BT, BV, BK)
+                tz = tl.where(col_ok[None, :], tz, float("-inf"))
+                t_max, t_arg = tl.max(tz, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                t_idx = tl.where(t_max > t_best, v0 + t_arg, t_idx)
+                t_best = tl.maximum(t_best, t_max)
+                t_new = tl.maximum(t_m, t_max)
+                scale = tl.exp(t_m - t_new)
+                e = tl.exp(tz - t_new[:, None])
+                t_s = t_s * scale + tl.sum(e, axis=1)
+                cross = cross * scale + tl.sum(e * z0, axis=1)
+                t_m = t_new
+            else:
+                p = tl.load(TP + rows.to(tl.int64)[:, None] * stride_tp + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                t_max, t_arg = tl.max(tl.where(col_ok[None, :], p, float("-inf")), axis=1, return_indices=True,
+                                      return_indices_tie_break_left=True)
+                t_idx = tl.where(t_max > t_best, v0 + t_arg, t_idx)
+                t_best = tl.maximum(t_best, t_max)
+                t_s += tl.sum(p, axis=1)
+                cross += tl.sum(p * z0, axis=1)
+        base = split * T + rows
+        plane = n_splits * T
+        tl.store(STATS + base, m, mask=row_ok)
+        tl.store(STATS + plane + base, s, mask=row_ok)
+        tl.store(STATS + 2 * plane + base, t_m, mask=row_ok)
+        tl.store(STATS + 3 * plane + base, t_s, mask=row_ok)
+        tl.store(STATS + 4 * plane + base, cross, mask=row_ok)
+        tl.store(STATS + 5 * plane + base, t_best, mask=row_ok)
+        tl.store(CHOICE + base, best_idx, mask=row_ok)
+        tl.store(CHOICE + plane + base, t_idx, mask=row_ok)
+
+    @triton.jit
+    def _ttt_loss_dlogits_kernel(O, RSTD, NW, WL, TP, TH, TW, LSE, TSTAT, COEF, DZ, T, H, HT, VD,
+                                 stride_o, stride_wl, stride_tp, stride_th, stride_tw, stride_dz,
+                                 TEACHER_HIDDEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                                 TPREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        """dz = coef * (softmax(z) * sum(p) - p) for one tile, logits recomputed from o (and the teacher)."""
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        cols = tl.program_id(1) * BV + tl.arange(0, BV)
+        row_ok = rows < T
+        col_ok = cols < VD
+        ok = row_ok[:, None] & col_ok[None, :]
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        t_stat = tl.load(TSTAT + rows, mask=row_ok, other=0.0)
+        z = _logits_tile(O, stride_o, rows, row_ok, rstd, NW, WL, stride_wl, cols, col_ok, H,
+                         True, UPCAST, PREC, BT, BV, BK)
+        q = tl.exp(z - lse[:, None])
+        if TEACHER_HIDDEN:
+            tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
+                              False, UPCAST, TPREC, BT, BV, BK)
+            dz = q - tl.exp(tz - t_stat[:, None])
+        else:
+            p = tl.load(TP + rows.to(tl.int64)[:, None] * stride_tp + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            dz = q * t_stat[:, None] - p
+        dz = dz * coef[:, None]
+        tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=ok)
+
+    _LOSS_BLOCKS = dict(gpu=dict(BT=64, BV=128, BK=64, num_warps=8, num_stages=3),
+                        interpreter=dict(BT=16, BV=16, BK=16))
+
+    def _splits(device: torch.device, token_blocks: int, vocab: int, bv: int) -> int:
+        """Vocabulary splits so that short sequences still fill the GPU (flash-decoding style)."""
+        if INTERPRET:
+            return min(2, triton.cdiv(vocab, bv))  # two, so the tests cover the merge
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(triton.cdiv(vocab, bv), triton.cdiv(2 * sms, token_blocks)))
+
+    class _TTTLossTriton(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
+                    teacher_probs, teacher_hidden, teacher_weight):
+            T, H = o.shape
+            vocab = lm_head_weight.shape[0]
+            probs_mode = teacher_probs is not None
+            rstd = row_rstd_triton(o, eps)
+            opts = launch_options(o.device, **_LOSS_BLOCKS)
+            token_blocks = triton.cdiv(T, opts["BT"])
+            n_splits = _splits(o.device, token_blocks, vocab, opts["BV"])
+            v_per_split = triton.cdiv(triton.cdiv(vocab, n_splits), opts["BV"]) * opts["BV"]
+            n_splits = triton.cdiv(vocab, v_per_split)  # no empty split
+            stats = torch.empty(6, n_splits, T, device=o.device, dtype=torch.float32)
+            choice = torch.empty(2, n_splits, T, device=o.device, dtype=torch.int32)
+            th = teacher_hidden if not probs_mode else o
+            tw = teacher_weight if not probs_mode else lm_head_weight
+            tp = teacher_probs if probs_mode else o
+            _ttt_loss_fwd_kernel[(token_blocks, n_splits)](
+                o, rstd, norm_weight, lm_head_weight, tp, th, tw, stats, choice, T, H, th.shape[1], vocab,
+                v_per_split, o.stride(0), lm_head_weight.stride(0), tp.stride(0), th.stride(0), tw.stride(0),
+                TEACHER_HIDDEN=not probs_mode, UPCAST=INTERPRET, PREC=dot_precision(o.dtype),
+                TPREC=dot_precision(th.dtype), **opts)
+            m, s, t_m, t_s, cross, t_best = stats.unbind(0)
+            top = m.max(0).values
+            lse = top + torch.log((s * torch.exp(m - top)).sum(0))
+            if probs_mode:
+                teacher_stat = t_s.sum(0)  # sum of p
+                per_position = teacher_stat * lse - cross.sum(0)
+            else:
+                t_top = t_m.max(0).values
+                rescale = torch.exp(t_m - t_top)
+                t_sum = (t_s * rescale).sum(0)
+                teacher_stat = t_top + torch.log(t_sum)  # the teacher's logsumexp
+                per_position = lse - (cross * rescale).sum(0) / t_sum
+            # The split holding the best value wins; argmax takes the first split on ties, i.e. the lower id.
+            draft_choice = choice[0].gather(0, m.argmax(0, keepdim=True))[0]
+            teacher_choice = choice[1].gather(0, t_best.argmax(0, keepdim=True))[0]
+            mask = position_mask.bool()
+            loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
+            correct = ((draft_choice == teacher_choice) & mask).sum()
+            ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
+            ctx.save_for_backward(o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw)
+            ctx.mark_non_differentiable(correct)
+            return loss_sum, correct
+
+        @staticmethod
+        def backward(ctx, grad_loss, _grad_correct):
+            o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw = ctx.saved_tensors
+            need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
+            coef = _coefficients(grad_loss, ctx.weight, mask).contiguous()
+            T, H = o.shape
+            vocab = lm_head_weight.shape[0]
+            opts = launch_options(o.device, **_LOSS_BLOCKS)
+            d_o = torch.empty_like(o) if need_o else None
+            d_norm = torch.zeros(H, dtype=torch.float32, device=o.device)
+            d_head = torch.zeros(lm_head_weight.shape, dtype=torch.float32, device=o.device) if need_head else None
+            for t0 in range(0, T, ctx.chunk):
+                rows = slice(t0, t0 + ctx.chunk)
+                o_c = o[rows]
+                n = o_c.shape[0]
+                d_logits = torch.empty(n, vocab, device=o.device, dtype=o.dtype)
+                tp_c = tp[rows] if ctx.probs_mode else tp
+                th_c = th[rows] if not ctx.probs_mode else th
+                _ttt_loss_dlogits_kernel[(triton.cdiv(n, opts["BT"]), triton.cdiv(vocab, opts["BV"]))](
+                    o_c, rstd[rows], norm_weight, lm_head_weight, tp_c, th_c, tw, lse[rows], teacher_stat[rows],
+                    coef[rows], d_logits, n, H, th.shape[1], vocab, o.stride(0), lm_head_weight.stride(0),
+                    tp.stride(0), th.stride(0), tw.stride(0), d_logits.stride(0),
+                    TEACHER_HIDDEN=not ctx.probs_mode, UPCAST=INTERPRET, PREC=dot_precision(o.dtype),
+                    TPREC=dot_precision(th.dtype), **opts)
+                if need_head:
+                    accumulate_mm(d_head, d_logits.t(), rms_norm_triton(o_c, norm_weight, ctx.eps)[0])
+                if need_o or need_norm:
+                    d_o_c, d_norm_c = rms_norm_backward_triton(o_c, rstd[rows], norm_weight,
+                                                               d_logits @ lm_head_weight)
+                    d_norm += d_norm_c
+                    if need_o:
+                        d_o[rows] = d_o_c
+            return (None, None, None, d_o, d_norm.to(norm_weight.dtype) if need_norm else None,
+                    d_head.to(lm_head_weight.dtype) if need_head else None, None, None, None, None)
+
+
+def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
+                         teacher_hidden=None, teacher_weight=None, chunk_tokens: int = 1024):
+    """The CUDA path (or CPU under TRITON_INTERPRET=1); ``chunk_tokens`` bounds backward's dz buffer."""
+    check_impl("triton", o.device, "loss")
+    if len({o.dtype, norm_weight.dtype, lm_head_weight.dtype}) != 1:
+        raise ValueError(f"ttt loss (triton): o, norm.weight and lm_head.weight must share one dtype, got "
+                         f"{o.dtype}, {norm_weight.dtype}, {lm_head_weight.dtype}")
+    if teacher_hidden is not None and teacher_hidden.dtype != teacher_weight.dtype:
+        raise ValueError(f"ttt loss (triton): teacher_hidden ({teacher_hidden.dtype}) and teacher_weight "
+                         f"({teacher_weight.dtype}) must share one dtype")
+    contiguous = [t.contiguous() if t is not None else None
+                  for t in (o, norm_weight, lm_head_weight, teacher_probs, teacher_hidden, teacher_weight)]
+    o, norm_weight, lm_head_weight, teacher_probs, teacher_hidden, teacher_weight = contiguous
+    return _TTTLossTriton.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
+                                teacher_probs, teacher_hidden, teacher_weight)
+
+
+def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
+                        position_mask: torch.Tensor, weight: Weight, *, teacher_probs: Optional[torch.Tensor] = None,
+                        teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                        impl: str = "auto", chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum fp32 scalar, correct int64 scalar) of one TTT step; ``o`` is ``[..., H]``, the mask ``[...]``.
+
+    ``weight`` scales the masked sum (the caller passes ``decay**i / valid_count_i``).
+    ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
+    """
+    _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher_hidden, teacher_weight)
+    path = check_impl(impl, o.device, "loss")
+    teacher = dict(teacher_probs=teacher_probs, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    if path == "reference":
+        return ttt_step_loss_reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, **teacher)
+    if chunk_tokens < 1:
+        raise ValueError(f"ttt loss: chunk_tokens must be positive, got {chunk_tokens}")
+    H = o.shape[-1]
+    o = o.reshape(-1, H)
+    position_mask = position_mask.reshape(-1)
+    if teacher_probs is not None:
+        teacher["teacher_probs"] = teacher_probs.reshape(o.shape[0], -1)
+    else:
+        teacher["teacher_hidden"] = teacher_hidden.reshape(o.shape[0], -1)
+    fn = ttt_step_loss_triton if path == "triton" else ttt_step_loss_chunked
+    return fn(o, norm_weight, lm_head_weight, eps, position_mask, weight, chunk_tokens=chunk_tokens, **teacher)
