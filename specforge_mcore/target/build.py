@@ -59,7 +59,10 @@ def read_hf_config(hf_dir: str) -> dict:
             raise UserError(f"{path}: not valid JSON: {exc}") from None
     # Multimodal or nested configs keep the language model under text_config.
     if "text_config" in hf and "num_hidden_layers" not in hf:
+        outer = hf
         hf = dict(hf["text_config"], architectures=hf.get("architectures"))
+        if outer.get("quantization_config") and "quantization_config" not in hf:
+            hf["quantization_config"] = outer["quantization_config"]  # it describes the tensors of the whole file
     return hf
 
 
@@ -158,7 +161,10 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
 
 
-def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dtype):
+def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dtype, use_te: Optional[bool] = None,
+                       cpu_init: bool = False):
+    """Megatron's config for the model. ``use_te`` defaults to "when installed"; ``cpu_init`` builds the
+    parameters in host memory even when CUDA is there (native FP8 replaces most of them before they move)."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs = family.transformer_config(hf)
@@ -166,7 +172,7 @@ def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dt
     split = pipeline_split(hf["num_hidden_layers"], layout.pp)
     if layout.pp > 1 and len(set(split)) > 1:
         kwargs.update(num_layers_in_first_pipeline_stage=split[0], num_layers_in_last_pipeline_stage=split[-1])
-    use_te = has_transformer_engine()
+    use_te = has_transformer_engine() if use_te is None else use_te
     kwargs.update(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
@@ -179,7 +185,7 @@ def transformer_config(hf: dict, family: Family, layout: Layout, dtype: torch.dt
         pipeline_dtype=dtype,
         # Weights come from the checkpoint: skip random init (and its CPU-side master copies).
         perform_initialization=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=cpu_init or not torch.cuda.is_available(),
         # batch_p2p_comm would call torch.cuda.synchronize around every exchange; the plain
         # isend/irecv path is equally exact on gloo and NCCL.
         batch_p2p_comm=False,
@@ -330,16 +336,20 @@ class StageModel:
 
 
 def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float32,
-                      where: str = "config.json") -> StageModel:
-    """Build the (empty, frozen) GPTModel piece this rank owns. Megatron's groups must be initialised."""
+                      where: str = "config.json", native_fp8: bool = False) -> StageModel:
+    """Build the (empty, frozen) GPTModel piece this rank owns. Megatron's groups must be initialised.
+
+    ``native_fp8``: the weights will be loaded in FP8 (``target/fp8.py``), whose GEMMs replace those of
+    Megatron's local linear layers: the local spec is used even with Transformer Engine installed, and the
+    model stays in host memory until ``StageModel.to_device`` (after loading)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     family = family_for(hf, where)
     family.check(hf, where)
-    config = transformer_config(hf, family, layout, dtype)
-    use_te = has_transformer_engine()
+    use_te = has_transformer_engine() and not native_fp8
+    config = transformer_config(hf, family, layout, dtype, use_te=use_te, cpu_init=native_fp8)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
     if not use_te:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -363,7 +373,7 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
     )
     model.requires_grad_(False)
     model.eval()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not native_fp8:
         model.cuda()
     layer_ids = [layer.layer_number - 1 for layer in model.decoder.layers]
     position_rotary = None

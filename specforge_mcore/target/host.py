@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.platform import device as platform_device
 from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config, rope_table
 from specforge_mcore.target.load import SafetensorsReader, load_stage_weights
 
@@ -71,16 +72,34 @@ def attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 class TargetHost:
     def __init__(self, hf_dir: str, layout: Layout, dtype: torch.dtype = torch.float32,
-                 capture_layer_ids: Optional[list[int]] = None, teacher_impl: str = "auto", teacher_chunk_tokens: int = 1024):
+                 capture_layer_ids: Optional[list[int]] = None, teacher_impl: str = "auto", teacher_chunk_tokens: int = 1024,
+                 fp8: str = "auto", quantize: str = "none"):
         from megatron.core import parallel_state as ps
+
+        from specforge_mcore.target import fp8 as block_fp8
 
         self.hf_dir = hf_dir
         self.hf = read_hf_config(hf_dir)
         self.layout = layout
         self.dtype = dtype
-        self.stage: StageModel = build_stage_model(self.hf, layout, dtype, where=f"{hf_dir}/config.json")
-        self.reader: SafetensorsReader = load_stage_weights(self.stage, hf_dir)
+        where = f"{hf_dir}/config.json"
+        # FP8 checkpoints: dequantized at load or kept in FP8 (target/fp8.py); see TargetConfig.fp8.
+        self.fp8_mode = block_fp8.resolve_mode(fp8, block_fp8.checkpoint_format(self.hf, where), platform_device(), where)
+        if quantize not in ("none", "fp8") or (quantize == "fp8" and self.fp8_mode is not None):
+            raise UserError(f"target.quantize={quantize!r}: expected 'none', or 'fp8' for a full-precision checkpoint "
+                            f"({hf_dir} is already FP8: its own scales are used, see target.fp8)")
+        native = self.fp8_mode == "native"
+        self.stage: StageModel = build_stage_model(self.hf, layout, dtype, where=where, native_fp8=native)
+        self.reader: SafetensorsReader = load_stage_weights(self.stage, hf_dir, fp8_mode=self.fp8_mode)
         self.reader.close()
+        if native and torch.cuda.is_available():
+            self.stage.model.cuda()  # built and filled in host memory: only the FP8 weights travel
+        self.weights_note = {"native": f"target weights: {block_fp8.describe_native(platform_device())}",
+                             "dequantize": "target weights: FP8 checkpoint dequantized at load"}.get(self.fp8_mode)
+        if quantize == "fp8":
+            from specforge_mcore.target.modelopt import quantize_fp8
+
+            self.weights_note = f"target weights: {quantize_fp8(self.stage.model)}"
         self.model = self.stage.model
         self.num_layers = int(self.hf["num_hidden_layers"])
         self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.target import fp8
 from specforge_mcore.target.build import StageModel
 
 
@@ -61,6 +62,9 @@ class SafetensorsReader:
                         self.key_to_file[key] = path
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        # Block-FP8 checkpoints: tensors with a weight_scale_inv are served through target/fp8.py.
+        fmt = fp8.read_checkpoint_format(hf_dir)
+        self.block_reads: Optional[fp8.BlockReads] = fp8.BlockReads(fmt) if fmt is not None else None
 
     def _handle(self, key: str):
         if key not in self.key_to_file:
@@ -78,7 +82,20 @@ class SafetensorsReader:
         return list(self._handle(key).get_slice(key).get_shape())
 
     def read(self, key: str, rows: Optional[tuple[int, int]] = None, cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """The tensor ``key``, or only rows [a, b) / columns [c, d) of it, read from disk."""
+        """The tensor ``key``, or only rows [a, b) / columns [c, d) of it, read from disk (FP8 ones
+        dequantised, unless a native FP8 load asked for their payload)."""
+        if self.block_reads is not None:
+            if self.has(fp8.scale_key(key)):
+                return fp8.read_scaled(self, key, rows, cols)
+            self.block_reads.record(key, scaled=False)
+        tensor = self.read_raw(key, rows, cols)
+        if tensor.dtype == fp8.FP8_DTYPE:
+            raise UserError(f"{self.key_to_file[key]}: {key} is stored in float8 but has no {fp8.scale_key(key)} "
+                            "block scale (and config.json no block-FP8 quantization_config)")
+        return tensor
+
+    def read_raw(self, key: str, rows: Optional[tuple[int, int]] = None, cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Rows [a, b) / columns [c, d) of ``key`` exactly as stored."""
         piece = self._handle(key).get_slice(key)
         shape = piece.get_shape()
         r0, r1 = rows if rows is not None else (0, shape[0])
@@ -94,6 +111,9 @@ class SafetensorsReader:
     def read_stacked(self, key: str, index: int, rows: Optional[tuple[int, int]] = None,
                      cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Entry ``index`` of a stacked tensor [N, R] or [N, R, C] (rows [a, b) / columns [c, d) of it)."""
+        if self.block_reads is not None and self.has(fp8.scale_key(key)):
+            raise UserError(f"{self.hf_dir}: {key} is stacked experts stored in block FP8, which is not supported; "
+                            "dequantize the checkpoint to bf16 first")
         piece = self._handle(key).get_slice(key)
         shape = piece.get_shape()
         r0, r1 = rows if rows is not None else (0, shape[1])
@@ -285,13 +305,20 @@ class WeightLoader:
         raise KeyError(name)
 
 
-def load_stage_weights(stage: StageModel, hf_dir: str, reader: Optional[SafetensorsReader] = None) -> SafetensorsReader:
-    """Fill every parameter of ``stage.model`` from the HF checkpoint in ``hf_dir``."""
+def load_stage_weights(stage: StageModel, hf_dir: str, reader: Optional[SafetensorsReader] = None,
+                       fp8_mode: Optional[str] = None) -> SafetensorsReader:
+    """Fill every parameter of ``stage.model`` from the HF checkpoint in ``hf_dir``. ``fp8_mode="native"``
+    keeps the decoder's FP8 linear weights in FP8 (``target/fp8.py``); otherwise FP8 is dequantised."""
     reader = reader or SafetensorsReader(hf_dir)
     loader = WeightLoader(stage, reader)
+    native = fp8_mode == "native" and reader.block_reads is not None
+    if native:
+        fp8.check_native_layout(stage.hf, stage.family, stage.layout, reader.block_reads.fmt, f"{hf_dir}/config.json")
     buffers = [(name, b) for name, b in stage.model.named_buffers() if name.endswith(LOADED_BUFFERS)]
     with torch.no_grad():
         for name, param in list(stage.model.named_parameters()) + buffers:
+            if native and fp8.is_native_candidate(stage.model, name) and fp8.load_native(loader, name, hf_dir):
+                continue
             try:
                 tensor = loader.tensor_for(name)
             except KeyError:

@@ -9,7 +9,8 @@ pipeline schedule, scatters the captured features to their draft shards, and com
 * the union of the draft shards with the full batch, in order.
 
 HF runs every packed document on its own, so this also checks that attention never crosses documents
-and that positions restart per document. The last line is ``max_abs_diff logits=<x> features=<y>``;
+and that positions restart per document. An FP8 checkpoint is compared with HF on its dequantised weights
+(exact), or with ``--reference-dir`` (its full-precision twin) within ``--tolerance``. The last line is ``max_abs_diff logits=<x> features=<y>``;
 the command exits 1 when either exceeds the tolerance (1e-4).
 """
 
@@ -90,22 +91,25 @@ def random_inputs(vocab_size: int, seed: int, num_sequences: int = 4, seq_len: i
 
 
 def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inputs_per_dp: list[PackedInputs],
-                  capture_layer_ids: Optional[list[int]] = None) -> list[dict]:
-    """Run every layout on this rank (spawned); return what this rank computed for each."""
+                  capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto") -> list[dict]:
+    """Run every layout on this rank (spawned); return what this rank computed for each. ``fp8``: the
+    target.fp8 mode, or one per layout."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from specforge_mcore.parallel import init_distributed
     from specforge_mcore.target.build import init_model_parallel
+    from specforge_mcore.target.fp8 import module_bytes
     from specforge_mcore.target.host import TargetHost
     from specforge_mcore.target.transport import draft_shard_index, scatter_features
 
     init_distributed()
     results = []
-    for layout in layouts:
+    modes = [fp8] * len(layouts) if isinstance(fp8, str) else list(fp8)
+    for layout, mode in zip(layouts, modes):
         init_model_parallel(layout)
         start = time.perf_counter()
-        host = TargetHost(hf_dir, layout, capture_layer_ids=capture_layer_ids)
+        host = TargetHost(hf_dir, layout, capture_layer_ids=capture_layer_ids, fp8=mode)
         load_seconds = time.perf_counter() - start
         dp = ps.get_data_parallel_rank()
         inputs = inputs_per_dp[dp % len(inputs_per_dp)]
@@ -118,7 +122,7 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
             layout=str(layout), rank=rank, dp=dp % len(inputs_per_dp), pp=host.pp_rank, tp=host.tp_rank,
             shard_index=draft_shard_index(host), shard=shard, capture_layer_ids=host.capture_layer_ids,
             bytes_read=host.reader.bytes_read,
-            param_bytes=sum(p.numel() * p.element_size() for p in host.model.parameters()),
+            param_bytes=module_bytes(host.model),  # FP8 weights kept natively are buffers
             load_seconds=load_seconds, forward_seconds=forward_seconds,
             tokens=sum(mb.input_ids.numel() for mb in inputs.micro_batches),
         )
@@ -141,6 +145,10 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
 def load_hf_model(hf_dir: str):
     import transformers
 
+    from specforge_mcore.target.fp8 import load_dequantized_hf_model, read_checkpoint_format
+
+    if read_checkpoint_format(hf_dir) is not None:  # FP8: HF on the dequantised weights, the exact reference
+        return load_dequantized_hf_model(hf_dir)
     return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
 
@@ -184,7 +192,8 @@ class LayoutReport:
     notes: list[str] = field(default_factory=list)
 
 
-def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]], layouts: list[Layout]) -> list[LayoutReport]:
+def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]], layouts: list[Layout],
+            tolerance: float = TOLERANCE) -> list[LayoutReport]:
     reports = []
     for li, layout in enumerate(layouts):
         rows = [per_rank[li] for per_rank in results]
@@ -216,7 +225,7 @@ def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]]
             argmax = torch.cat([sh.target_argmax for sh in ordered])
             valid = ref["valid"]
             for name, tensor in full.items():
-                if tensor.shape != ref[name].shape or (tensor - ref[name]).abs()[valid].max().item() > TOLERANCE:
+                if tensor.shape != ref[name].shape or (tensor - ref[name]).abs()[valid].max().item() > tolerance:
                     report.shards_ok = False
                     report.notes.append(f"dp{dp}: shard union of {name} differs from the batch")
             if argmax.shape != valid.shape or bool((argmax != ref["logits"].argmax(-1))[valid].any()):
@@ -231,8 +240,9 @@ def minimal_world(layout: Layout) -> int:
     return layout.pp * (layout.tp * expert_grid // math.gcd(layout.tp, expert_grid))
 
 
-def run_verification(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: list[PackedInputs],
-                     capture_layer_ids: Optional[list[int]] = None) -> list[LayoutReport]:
+def run_layouts(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: list[PackedInputs],
+                capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto") -> list[list[dict]]:
+    """Every layout on ``nproc`` spawned ranks: per rank, per layout, what ``layout_worker`` returns."""
     from specforge_mcore.parallel import spawn
 
     hf = read_hf_config(hf_dir)
@@ -240,15 +250,25 @@ def run_verification(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_
     for layout in layouts:
         check_layout(hf, family, layout, nproc, f"{hf_dir}/config.json")
     ids = capture_layer_ids or default_capture_layer_ids(hf["num_hidden_layers"])
+    return spawn(layout_worker, nproc, hf_dir, layouts, inputs_per_dp, ids, fp8)
+
+
+def run_verification(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: list[PackedInputs],
+                     capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto",
+                     reference_dir: Optional[str] = None, tolerance: float = TOLERANCE) -> list[LayoutReport]:
+    """Run the layouts and compare with HF transformers on ``reference_dir`` (default: the checkpoint
+    itself; an FP8 one through its dequantised weights)."""
+    hf = read_hf_config(hf_dir)
+    ids = capture_layer_ids or default_capture_layer_ids(hf["num_hidden_layers"])
     start = time.perf_counter()
-    results = spawn(layout_worker, nproc, hf_dir, layouts, inputs_per_dp, ids)
+    results = run_layouts(hf_dir, layouts, nproc, inputs_per_dp, ids, fp8)
     spawn_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    model = load_hf_model(hf_dir)
+    model = load_hf_model(reference_dir or hf_dir)
     references = [hf_reference(model, inputs, ids) for inputs in inputs_per_dp]
     if os.environ.get("SPECFORGE_MCORE_VERBOSE"):
         print(f"[verify] ranks {spawn_seconds:.1f}s, HF reference {time.perf_counter() - start:.1f}s")
-    return compare(results, references, layouts)
+    return compare(results, references, layouts, tolerance)
 
 
 def format_reports(reports: list[LayoutReport]) -> str:
@@ -306,6 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--dispatcher", choices=["alltoall", "allgather"], default="alltoall")
     parser.add_argument("--capture-layer-ids", type=lambda t: [int(x) for x in t.split(",")], default=None)
+    parser.add_argument("--fp8", choices=["auto", "dequantize", "native"], default="auto",
+                        help="an FP8 checkpoint: dequantize at load, or keep FP8 weights (target.fp8)")
+    parser.add_argument("--reference-dir", default=None,
+                        help="compare with HF transformers on this checkpoint instead (e.g. the full-precision "
+                             "twin of an FP8 one; then raise --tolerance to the quantization error)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"max abs difference (default {TOLERANCE})")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -317,10 +343,11 @@ def main(args: argparse.Namespace) -> int:
                            rows_multiple_of=layout.tp * layout.pp)
     print(f"verify-target: {args.hf_dir} [{family_for(hf).name}, {hf['num_hidden_layers']} layers] "
           f"layout {layout} on {nproc} process(es), {len(inputs.documents)} sequences of {args.seq_len} tokens")
-    reports = run_verification(args.hf_dir, [layout], nproc, [inputs], args.capture_layer_ids)
+    reports = run_verification(args.hf_dir, [layout], nproc, [inputs], args.capture_layer_ids, args.fp8,
+                               args.reference_dir, args.tolerance)
     print(format_reports(reports))
     worst_logits = max(r.logits for r in reports)
     worst_features = max(r.features for r in reports)
-    ok = worst_logits <= TOLERANCE and worst_features <= TOLERANCE and all(r.shards_ok for r in reports)
+    ok = worst_logits <= args.tolerance and worst_features <= args.tolerance and all(r.shards_ok for r in reports)
     print(f"max_abs_diff logits={worst_logits:.3e} features={worst_features:.3e}")
     return 0 if ok else 1

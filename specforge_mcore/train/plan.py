@@ -307,7 +307,11 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
                      f"trains the draft on {n} sequence(s) = {T} tokens, {S} TTT steps; draft {P / 1e6:.1f}M params")
 
     # ---- held ------------------------------------------------------------------------------------
-    plan.add("held", f"target weights ({tc_cfg.dtype} shard)", stage_weight_bytes(hf, family, layout, tb))
+    from specforge_mcore.target.fp8 import planned_weight_bytes  # FP8 targets: 1 B/weight + block scales
+
+    label, weights = planned_weight_bytes(tc_cfg, hf, family, layout, stage_weight_bytes(hf, family, layout, tb), tb,
+                                          device)
+    plan.add("held", label, weights)
     plan.add("held", "draft weights + AdamW moments (fp32, 12 B/param)", 12 * P)
     plan.add("held", "draft inputs: embedding copy, teacher rows, d2t/t2d", V * H * tb + Vd * H * 4 + 8 * Vd + V)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.rope import rope_parameters
+from specforge_mcore.target.fp8 import checkpoint_format
 
 
 def head_dim(hf: dict) -> int:
@@ -38,6 +39,7 @@ class Family:
 
     # ---- validation -------------------------------------------------------------------------
     def check(self, hf: dict, where: str) -> None:
+        checkpoint_format(hf, where)  # block FP8 is read with its scales; any other quantization is refused
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"{where}: hidden_act={act!r} is not supported for {self.name} (expected 'silu')")

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from specforge_mcore.errors import UserError
 from specforge_mcore.rope import rope_parameters
 from specforge_mcore.target.families.base import Family
+from specforge_mcore.target.fp8 import checkpoint_format
 
 # The q/kv latent norms are built with HF's default eps; Megatron gives them layernorm_epsilon.
 LATENT_NORM_EPS = 1e-6
@@ -48,10 +49,7 @@ class DeepseekV3(Family):
         def refuse(what: str, why: str) -> None:
             raise UserError(f"{where}: {what} is not supported for {self.name}: {why}")
 
-        if hf.get("quantization_config"):
-            method = hf["quantization_config"].get("quant_method", "?")
-            refuse(f"quantization_config (quant_method={method!r})",
-                   "the weights would be read without their scales; dequantize the checkpoint to bf16 first")
+        checkpoint_format(hf, where)  # the official FP8 release (128x128 blocks) is read with its scales
         if hf.get("hidden_act", "silu") != "silu":
             refuse(f"hidden_act={hf['hidden_act']!r}", "expected 'silu'")
         if hf.get("attention_bias"):

@@ -17,6 +17,7 @@
 
 Megatron-Core supports expert biases only with expert tensor parallel size 1, so layouts must say etp=1.
 The released checkpoints are MXFP4-quantised; those are refused (dequantize to bf16 first).
+Block-FP8 copies load when their experts are unquantized (stacked FP8 experts are refused).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from specforge_mcore.errors import UserError
 from specforge_mcore.rope import rope_parameters, yarn_inverse_frequencies
 from specforge_mcore.target.families.base import Family, head_dim
+from specforge_mcore.target.fp8 import checkpoint_format
 
 
 def gated_sigmoid(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -49,11 +51,9 @@ class GptOss(Family):
         def refuse(what: str, why: str) -> None:
             raise UserError(f"{where}: {what} is not supported for {self.name}: {why}")
 
-        if hf.get("quantization_config"):
-            method = hf["quantization_config"].get("quant_method", "?")
-            refuse(f"quantization_config (quant_method={method!r})",
-                   "the MXFP4 expert blocks would be read without their scales; dequantize the checkpoint to "
-                   "bf16 first")
+        # The released MXFP4 experts are refused here (their blocks would be read without scales); a
+        # block-FP8 copy is read with its scales (stacked FP8 experts are refused when read).
+        checkpoint_format(hf, where)
         if not hf.get("attention_bias", True):
             refuse("attention_bias=false", "Megatron's add_bias_linear gives attention and experts biases together")
         kind = rope_parameters(hf)["rope_type"]
