@@ -9,6 +9,8 @@
 #   (1 without any).
 # * Many nodes: run the same command on every node with the same --nnodes and --rdzv-endpoint (HOST is
 #   any one of the nodes, reachable from the others); torchrun's c10d rendezvous numbers the nodes.
+# * --max-restarts K: torchrun restarts the whole job up to K times when a rank dies; the restarted ranks
+#   resume by themselves from the latest complete checkpoint (save often: train.save_every).
 # * LOG_DIR=dir: per-rank logs under dir/<run id>/attempt_0/<rank>/{stdout,stderr}.log, still echoed here.
 # * PYTHON: the interpreter with specforge_mcore installed (default: python3 on PATH, e.g. the .venv's).
 set -euo pipefail
@@ -18,18 +20,20 @@ if command -v nvidia-smi >/dev/null 2>&1; then nproc=$(nvidia-smi -L | wc -l); e
 nnodes=1
 endpoint=""
 run_id=${RUN_ID:-specforge-mcore}
+max_restarts=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --nproc-per-node) nproc=$2; shift 2 ;;
         --nnodes) nnodes=$2; shift 2 ;;
         --rdzv-endpoint) endpoint=$2; shift 2 ;;
         --rdzv-id) run_id=$2; shift 2 ;;
+        --max-restarts) max_restarts=$2; shift 2 ;;
         --) shift; break ;;
         *) break ;;
     esac
 done
 
-args=(--nproc-per-node "$nproc")
+args=(--nproc-per-node "$nproc" --max-restarts "$max_restarts")
 if [ "$nnodes" = 1 ] && [ -z "$endpoint" ]; then
     args+=(--standalone)
 else

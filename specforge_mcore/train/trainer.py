@@ -199,6 +199,11 @@ class Trainer:
             raise UserError(f"the training data has {len(train)} packed rows, fewer than one global batch "
                             f"(train.global_batch_size={self.plan.global_batch})")
         self.train_data, self.eval_data = train, evaluation
+        wants_eval = cfg.train.eval_every or cfg.train.max_steps == 0
+        if wants_eval and len(evaluation) < self.plan.global_batch and self.is_main and not self.quiet:
+            print(f"note: the held-out split has {len(evaluation)} packed rows, fewer than one global batch "
+                  f"({self.plan.global_batch}): no held-out evaluation (raise data.eval_fraction or add "
+                  "data.eval_files)", flush=True)
         self.steps_per_epoch = len(train) // self.plan.global_batch
         total = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps is not None else max(1, total)
