@@ -33,7 +33,7 @@ targets:
 SF := $(VENV)/bin/specforge-mcore
 DEMO_CONFIG := configs/demo-smollm2.yaml
 DEMO_OUT := runs/demo-smollm2
-EVAL_ARGS := --configs 3,1,4 7,1,8 --num-prompts 8 --max-new-tokens 64
+EVAL_ARGS := --configs 3,1,4 7,1,8 --num-prompts 4 --max-new-tokens 32
 
 # The whole path on the CPU default: target -> data -> draft vocab -> train -> export -> speculative decoding.
 demo:

@@ -209,6 +209,15 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
         torch.set_num_threads(max(1, min(cores, (os.cpu_count() or 1) // launch.local_world_size)))
     if launch.launcher == "single" and "MASTER_PORT" not in os.environ:
         launch.master_port = free_port()
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store (same MASTER_PORT) across --max-restarts attempts, and the
+        # process group's keys would be read back from the attempt that died: the restarted ranks would
+        # dial the dead ranks' gloo/NCCL addresses. A prefix per attempt keeps each attempt's keys apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False)
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"specforge_mcore/attempt_{attempt}", store),
+                                rank=launch.rank, world_size=launch.world_size)
+        return launch
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
