@@ -40,6 +40,8 @@ import torch
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import sglang, speculators
+from specforge_mcore.fileio import fsync_path, read_json
+from specforge_mcore.train.checkpoint import COMPLETE
 
 FORMATS = ("sglang", "modelopt", "speculators")
 _EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -66,14 +68,7 @@ def read_source(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
     if not os.path.isdir(source):
         raise UserError(f"--from {source}: no such directory (expected an EAGLE-3 draft: config.json + weights)")
-    path = os.path.join(source, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"--from {source}: no config.json")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            cfg = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON: {exc}") from None
+    cfg = read_json(os.path.join(source, "config.json"), f"--from {source}: no config.json")
     files = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     if files:
@@ -300,28 +295,20 @@ def import_draft(source: str, out_dir: str, layout: str = "auto", target: Option
         with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as fh:
             json.dump(state, fh, indent=2)
         for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
-        with open(os.path.join(tmp, "COMPLETE"), "w") as fh:  # written last: a checkpoint only once whole
+            fsync_path(os.path.join(tmp, name))
+        with open(os.path.join(tmp, COMPLETE), "w") as fh:  # written last: a checkpoint only once whole
             fh.write("0\n")
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if os.path.lexists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
-        _fsync(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ImportResult(out_dir, layout, arch, notes)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_destination(out_dir: str, overwrite: bool) -> None:
@@ -331,7 +318,7 @@ def _check_destination(out_dir: str, overwrite: bool) -> None:
         raise UserError(f"--out {out_dir} already exists; pass --overwrite to replace it")
     if not os.path.isdir(out_dir) or os.path.islink(out_dir):
         raise UserError(f"--out {out_dir} exists and is not a directory; refusing to replace it")
-    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, "COMPLETE")):
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, COMPLETE)):
         raise UserError(f"--out {out_dir} is a non-empty directory that is not a checkpoint (no COMPLETE marker); "
                         "refusing to replace it even with --overwrite")
 

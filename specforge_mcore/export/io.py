@@ -27,6 +27,7 @@ from specforge_mcore.draft.io import load_draft
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import contract, sglang, speculators
+from specforge_mcore.fileio import fsync_path, read_json
 
 FORMATS: dict[str, ModuleType] = {contract.SGLANG: sglang, contract.SPECULATORS: speculators}
 CONFIG = "config.json"
@@ -88,7 +89,7 @@ def write_export(draft: Eagle3Draft, out_dir: str, layout: str = contract.SGLANG
         _write_text(os.path.join(tmp, CONFIG), json.dumps(cfg, indent=2) + "\n")
         _write_text(os.path.join(tmp, README), fmt.readme(draft.arch, torch_dtype, target_path, out_dir, source))
         for name in (WEIGHTS, CONFIG, README):
-            _fsync(os.path.join(tmp, name))
+            fsync_path(os.path.join(tmp, name))
         # What was written, read back, must pass the same check (a short write or a bad cast shows here).
         read_config, read_tensors = _read(tmp)
         contract.validate(read_tensors, read_config, draft.arch, layout, torch_dtype, where=f"export to {out_dir}")
@@ -150,13 +151,7 @@ def load_export(export_dir: str, map_location: str | torch.device = "cpu") -> Ea
 # ---- files -------------------------------------------------------------------------------------------
 def _read_config(export_dir: str) -> dict:
     path = os.path.join(export_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"{export_dir}: no {CONFIG} (expected a directory written by specforge-mcore export)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            cfg = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON: {exc}") from None
+    cfg = read_json(path, f"{export_dir}: no {CONFIG} (expected a directory written by specforge-mcore export)")
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object")
     return cfg
@@ -172,14 +167,6 @@ def _read(export_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
@@ -218,6 +205,6 @@ def _replace(tmp: str, out_dir: str) -> None:
             os.rename(os.path.join(old, "previous"), out_dir)
             os.rmdir(old)
         raise
-    _fsync(parent)
+    fsync_path(parent)
     if old is not None:
         shutil.rmtree(old)

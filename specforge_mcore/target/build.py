@@ -8,7 +8,6 @@ pipeline stage is built with the local layer spec (or Transformer Engine's when 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -16,6 +15,7 @@ from typing import Optional
 import torch
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.fileio import read_json
 from specforge_mcore.platform import apply_platform_shims, has_transformer_engine
 from specforge_mcore.rope import RopeTable, rope_parameters, yarn_inverse_frequencies
 from specforge_mcore.target.families import Family, family_for
@@ -49,14 +49,8 @@ class Layout:
 
 
 def read_hf_config(hf_dir: str) -> dict:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            hf = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: not valid JSON: {exc}") from None
+    hf = read_json(os.path.join(hf_dir, "config.json"),
+                   f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
     # Multimodal or nested configs keep the language model under text_config.
     if "text_config" in hf and "num_hidden_layers" not in hf:
         outer = hf

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.fileio import fsync_path
 from specforge_mcore.train import faults
 
 COMPLETE = "COMPLETE"
@@ -38,19 +39,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def checkpoints_dir(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
@@ -105,7 +93,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
     try:
         path = os.path.join(tmp, "rng", f"rank_{rank:05d}.pt")
         torch.save(rng_state(), path)
-        _fsync_file(path)
+        fsync_path(path)
         if rank == 0:
             write_rank0(tmp)
             faults.in_save(step, rank)
@@ -113,7 +101,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
                 json.dump(trainer_state, fh, indent=2)
             for name in os.listdir(tmp):
                 if os.path.isfile(os.path.join(tmp, name)):
-                    _fsync_file(os.path.join(tmp, name))
+                    fsync_path(os.path.join(tmp, name))
     except OSError as exc:
         error = exc
     _agree(error, f"writing checkpoint step_{step} failed")
@@ -123,12 +111,12 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
                 fh.write(f"{step}\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(os.path.join(tmp, "rng"))
-            _fsync_dir(tmp)
+            fsync_path(os.path.join(tmp, "rng"))
+            fsync_path(tmp)
             if os.path.exists(final):  # an older incomplete or superseded copy of this step
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_path(root)
             for _, old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
