@@ -103,29 +103,28 @@ if triton is not None:
         return _mul_rounded((x.to(tl.float32) * rstd).to(x.dtype), w)
 
     @triton.jit
-    def row_rstd_kernel(X, RSTD, T, N, stride_x, eps, BT: tl.constexpr, BN: tl.constexpr):
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
-        row_ok = rows < T
+    def _row_rstd(X, rows, row_ok, N, stride_x, eps, BT: tl.constexpr, BN: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) of each of the BT rows, in fp32, over N columns in tiles of BN."""
         sumsq = tl.zeros((BT,), tl.float32)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
             x = tl.load(X + rows[:, None] * stride_x + cols[None, :],
                         mask=row_ok[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
             sumsq += tl.sum(x * x, axis=1)
-        tl.store(RSTD + rows, 1.0 / tl.sqrt(sumsq / N + eps), mask=row_ok)
+        return 1.0 / tl.sqrt(sumsq / N + eps)
+
+    @triton.jit
+    def row_rstd_kernel(X, RSTD, T, N, stride_x, eps, BT: tl.constexpr, BN: tl.constexpr):
+        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        row_ok = rows < T
+        tl.store(RSTD + rows, _row_rstd(X, rows, row_ok, N, stride_x, eps, BT, BN), mask=row_ok)
 
     @triton.jit
     def rms_norm_fwd_kernel(X, W, Y, RSTD, T, N, stride_x, stride_y, eps,
                             BT: tl.constexpr, BN: tl.constexpr):
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         row_ok = rows < T
-        sumsq = tl.zeros((BT,), tl.float32)
-        for n0 in range(0, N, BN):
-            cols = n0 + tl.arange(0, BN)
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :],
-                        mask=row_ok[:, None] & (cols < N)[None, :], other=0.0).to(tl.float32)
-            sumsq += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(sumsq / N + eps)
+        rstd = _row_rstd(X, rows, row_ok, N, stride_x, eps, BT, BN)
         tl.store(RSTD + rows, rstd, mask=row_ok)
         for n0 in range(0, N, BN):
             cols = n0 + tl.arange(0, BN)
