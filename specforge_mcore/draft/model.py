@@ -9,9 +9,7 @@ the state dict.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn

@@ -21,7 +21,7 @@ then a plain sum, and padding never dilutes the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

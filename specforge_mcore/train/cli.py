@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from specforge_mcore.config import load_config
 from specforge_mcore.errors import UserError

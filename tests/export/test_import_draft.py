@@ -10,7 +10,6 @@ through untouched.
 
 import json
 import os
-import shutil
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The captured-layer convention (DESIGN §4): capture id i is the OUTPUT of 0-based layer i, which is
 HF's ``hidden_states[i + 1]``. An off-by-one in either direction must fail this test."""
 
-import torch
 
 from specforge_mcore.target.build import Layout
 from specforge_mcore.target.host import default_capture_layer_ids
