@@ -7,6 +7,9 @@ chunked path, and only ``impl="triton"`` fails (with a message saying why).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from specforge_mcore.errors import UserError
@@ -59,6 +62,29 @@ def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a, b)
     else:
         acc += (a @ b).to(acc.dtype)
+
+
+def autocast_off(fn):
+    """Run ``fn`` (an autograd Function's forward or backward, or a reference) with autocast disabled on
+    every device type: the ops cast their operands themselves (the dtype policy, docs/design.md §9), so
+    they compute the same whether or not the caller's code runs under autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_DEVICES:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def in_dtype(tensor, dtype: torch.dtype):
+    """``tensor`` in the compute ``dtype`` (weights are cast to the activations' dtype); None stays None."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def check_impl(impl: str, device: torch.device, what: str) -> str:

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._common import INTERPRET, accumulate_mm, check_impl, rms_norm, rms_norm_backward, rms_norm_rstd, triton
+from ._common import (INTERPRET, accumulate_mm, autocast_off, check_impl, in_dtype, rms_norm, rms_norm_backward,
+                      rms_norm_rstd, triton)
 
 __all__ = ["projection_reference", "projection_chunked", "projection_triton", "fused_projection"]
 
@@ -27,8 +28,17 @@ __all__ = ["projection_reference", "projection_chunked", "projection_triton", "f
 def projection_reference(hiddens: Sequence[torch.Tensor], fc_weight: torch.Tensor, hidden_norm_weight: torch.Tensor,
                          eps: float, layer_norm_weights: Optional[Sequence[torch.Tensor]] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, hidden_norm(g)) with plain ops: the spec the fused paths are tested against."""
+    """(g, hidden_norm(g)) with plain ops: the spec the fused paths are tested against. Computes in the
+    captured layers' dtype (weights cast to it), whether or not autocast is on."""
+    with torch.autocast(hiddens[0].device.type, enabled=False):
+        return _projection_reference(hiddens, fc_weight, hidden_norm_weight, eps, layer_norm_weights)
+
+
+def _projection_reference(hiddens, fc_weight, hidden_norm_weight, eps, layer_norm_weights):
+    dtype = hiddens[0].dtype
+    fc_weight, hidden_norm_weight = in_dtype(fc_weight, dtype), in_dtype(hidden_norm_weight, dtype)
     if layer_norm_weights is not None:
+        layer_norm_weights = [in_dtype(w, dtype) for w in layer_norm_weights]
         hiddens = [rms_norm(h, w, eps) for h, w in zip(hiddens, layer_norm_weights)]
     g = torch.cat(list(hiddens), dim=-1) @ fc_weight.t()
     return g, rms_norm(g, hidden_norm_weight, eps)
@@ -57,16 +67,26 @@ def _check(hiddens, fc_weight, hidden_norm_weight, layer_norm_weights) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _weights_in_compute_dtype(ctx, dtype, fc_weight, hidden_norm_weight, lws):
+    """The dtype policy: weights (fp32 masters) cast to the captured layers' dtype; their own dtypes are kept
+    on ``ctx`` so backward returns each gradient (accumulated in fp32) in its parameter's dtype."""
+    ctx.weight_dtypes = (fc_weight.dtype, hidden_norm_weight.dtype, *(w.dtype if w is not None else None for w in lws))
+    return in_dtype(fc_weight, dtype), in_dtype(hidden_norm_weight, dtype), tuple(in_dtype(w, dtype) for w in lws)
+
+
 class _ProjectionChunked(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, eps, chunk, fc_weight, hidden_norm_weight, h0, h1, h2, lw0, lw1, lw2):
-        hiddens, lws = (h0, h1, h2), (lw0, lw1, lw2)
+        hiddens = (h0, h1, h2)
+        fc_weight, hidden_norm_weight, lws = _weights_in_compute_dtype(ctx, h0.dtype, fc_weight, hidden_norm_weight,
+                                                                       (lw0, lw1, lw2))
         T, hidden_t = h0.shape
         H = fc_weight.shape[0]
         with_ln = lw0 is not None
         slices = [fc_weight[:, k * hidden_t:(k + 1) * hidden_t] for k in range(3)]
         g = torch.empty(T, H, dtype=h0.dtype, device=h0.device)
-        g_norm = torch.empty(T, H, dtype=torch.promote_types(h0.dtype, hidden_norm_weight.dtype), device=h0.device)
+        g_norm = torch.empty(T, H, dtype=h0.dtype, device=h0.device)
         for t0 in range(0, T, chunk):
             rows = slice(t0, t0 + chunk)
             xs = [rms_norm(h[rows], w, eps) if with_ln else h[rows] for h, w in zip(hiddens, lws)]
@@ -80,6 +100,7 @@ class _ProjectionChunked(torch.autograd.Function):
         return g, g_norm
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dg, dg_norm):
         fc_weight, hidden_norm_weight, g, *rest = ctx.saved_tensors
         hiddens, lws = rest[:3], (rest[3:] if ctx.with_ln else (None, None, None))
@@ -115,8 +136,9 @@ class _ProjectionChunked(torch.autograd.Function):
                         d_lw[k] += d_wk
                     if need_h[k]:
                         d_h[k][rows] = d_x
-        d_lw = [(d.to(w.dtype) if d is not None else None) for d, w in zip(d_lw, lws)]
-        return (None, None, d_fc.to(fc_weight.dtype), d_norm.to(hidden_norm_weight.dtype), *d_h, *d_lw)
+        fc_dtype, norm_dtype, *lw_dtypes = ctx.weight_dtypes
+        d_lw = [(d.to(dt) if d is not None else None) for d, dt in zip(d_lw, lw_dtypes)]
+        return (None, None, d_fc.to(fc_dtype), d_norm.to(norm_dtype), *d_h, *d_lw)
 
 
 def _or_zeros(grad: Optional[torch.Tensor], like: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -186,8 +208,13 @@ if triton is not None:
 
     class _ProjectionTriton(torch.autograd.Function):
         @staticmethod
+        @autocast_off
         def forward(ctx, eps, fc_weight, hidden_norm_weight, h0, h1, h2, lw0, lw1, lw2):
-            hiddens, lws = (h0, h1, h2), (lw0, lw1, lw2)
+            hiddens = (h0, h1, h2)
+            fc_weight, hidden_norm_weight, lws = _weights_in_compute_dtype(ctx, h0.dtype, fc_weight,
+                                                                           hidden_norm_weight, (lw0, lw1, lw2))
+            fc_weight, hidden_norm_weight = fc_weight.contiguous(), hidden_norm_weight.contiguous()
+            lws = tuple(w.contiguous() if w is not None else None for w in lws)
             T, hidden_t = h0.shape
             H = fc_weight.shape[0]
             with_ln = lw0 is not None
@@ -199,7 +226,7 @@ if triton is not None:
             opts = launch_options(h0.device, **_FWD_BLOCKS)
             grid = (triton.cdiv(T, opts["BT"]), triton.cdiv(H, opts["BH"]))
             _projection_fwd_kernel[grid](
-                h0, h1, h2, lw0 if with_ln else h0, lw1 if with_ln else h0, lw2 if with_ln else h0, layer_rstd,
+                h0, h1, h2, *(lws if with_ln else (h0, h0, h0)), layer_rstd,
                 fc_weight, g, T, hidden_t, H, h0.stride(0), fc_weight.stride(0), g.stride(0),
                 WITH_LN=with_ln, UPCAST=INTERPRET, PREC=dot_precision(h0.dtype), **opts)
             g_norm, g_rstd = rms_norm_triton(g, hidden_norm_weight, eps)
@@ -209,6 +236,7 @@ if triton is not None:
             return g, g_norm
 
         @staticmethod
+        @autocast_off
         def backward(ctx, dg, dg_norm):
             fc_weight, hidden_norm_weight, g, g_rstd, layer_rstd, *rest = ctx.saved_tensors
             hiddens, lws = rest[:3], (rest[3:] if ctx.with_ln else (None, None, None))
@@ -232,9 +260,9 @@ if triton is not None:
                     d_x = d_g @ fc_weight[:, cols]
                     if ctx.with_ln:
                         d_x, d_wk = rms_norm_backward_triton(h, layer_rstd[k], lws[k], d_x)
-                        d_lw[k] = d_wk.to(lws[k].dtype)
+                        d_lw[k] = d_wk.to(ctx.weight_dtypes[2 + k])
                     d_h[k] = d_x if need_h[k] else None
-            return None, d_fc, d_norm.to(hidden_norm_weight.dtype), *d_h, *d_lw
+            return None, d_fc.to(ctx.weight_dtypes[0]), d_norm.to(ctx.weight_dtypes[1]), *d_h, *d_lw
 
 
 def projection_triton(hiddens: Sequence[torch.Tensor], fc_weight: torch.Tensor, hidden_norm_weight: torch.Tensor,
@@ -245,14 +273,8 @@ def projection_triton(hiddens: Sequence[torch.Tensor], fc_weight: torch.Tensor, 
     hiddens = [h.contiguous() for h in hiddens]
     if len({hiddens[0].stride(0), *(h.stride(0) for h in hiddens)}) != 1:
         raise ValueError("projection: captured layers must share a row stride")
-    dtypes = {hiddens[0].dtype, fc_weight.dtype, hidden_norm_weight.dtype}
-    lws = tuple(w.contiguous() for w in layer_norm_weights) if layer_norm_weights is not None else (None, None, None)
-    if layer_norm_weights is not None:
-        dtypes |= {w.dtype for w in lws}
-    if len(dtypes) != 1:
-        raise ValueError(f"projection (triton): inputs and weights must share one dtype, "
-                         f"got {sorted(map(str, dtypes))}")
-    return _ProjectionTriton.apply(eps, fc_weight.contiguous(), hidden_norm_weight.contiguous(), *hiddens, *lws)
+    lws = tuple(layer_norm_weights) if layer_norm_weights is not None else (None, None, None)
+    return _ProjectionTriton.apply(eps, fc_weight, hidden_norm_weight, *hiddens, *lws)
 
 
 def fused_projection(hiddens: Sequence[torch.Tensor], fc_weight: torch.Tensor, hidden_norm_weight: torch.Tensor,

@@ -26,7 +26,8 @@ from typing import Optional, Union
 
 import torch
 
-from ._common import (INTERPRET, accumulate_mm, check_impl, rms_norm, rms_norm_backward, rms_norm_rstd, triton)
+from ._common import (INTERPRET, accumulate_mm, autocast_off, check_impl, in_dtype, rms_norm, rms_norm_backward,
+                      rms_norm_rstd, triton)
 
 __all__ = ["ttt_step_loss_reference", "ttt_step_loss_chunked", "ttt_step_loss_triton", "fused_ttt_step_loss"]
 
@@ -38,13 +39,23 @@ def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_
                             teacher_probs: Optional[torch.Tensor] = None,
                             teacher_hidden: Optional[torch.Tensor] = None,
                             teacher_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum, correct) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against."""
+    """(loss_sum, correct) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
+    Computes in ``o``'s dtype (the head's weights cast to it; the teacher's GEMM in teacher_hidden's), with
+    or without autocast around it."""
+    with torch.autocast(o.device.type, enabled=False):
+        return _reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, teacher_probs, teacher_hidden,
+                          teacher_weight)
+
+
+def _reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, teacher_probs, teacher_hidden,
+               teacher_weight):
+    norm_weight, lm_head_weight = in_dtype(norm_weight, o.dtype), in_dtype(lm_head_weight, o.dtype)
     logits = (rms_norm(o, norm_weight, eps) @ lm_head_weight.t()).float()
     if teacher_probs is not None:
         probs = teacher_probs.float()
         teacher_choice = probs.argmax(-1)
     else:
-        teacher_logits = (teacher_hidden @ teacher_weight.t()).float()
+        teacher_logits = (teacher_hidden @ in_dtype(teacher_weight, teacher_hidden.dtype).t()).float()
         probs = torch.softmax(teacher_logits, -1)
         teacher_choice = teacher_logits.argmax(-1)
     per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1)
@@ -83,6 +94,14 @@ def _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher
         raise ValueError("ttt loss: the teacher comes from the frozen target and must not require grad")
 
 
+def _compute_dtype(ctx, o, norm_weight, lm_head_weight, teacher_hidden, teacher_weight):
+    """The dtype policy: the head's weights (fp32 masters) cast to ``o``'s dtype, the teacher's rows to the
+    teacher hidden's; the parameters' own dtypes are kept on ``ctx`` for the gradients backward returns."""
+    ctx.weight_dtypes = (norm_weight.dtype, lm_head_weight.dtype)
+    return (in_dtype(norm_weight, o.dtype), in_dtype(lm_head_weight, o.dtype),
+            in_dtype(teacher_weight, teacher_hidden.dtype) if teacher_hidden is not None else teacher_weight)
+
+
 def _coefficients(grad_loss: torch.Tensor, weight: Weight, position_mask: torch.Tensor) -> torch.Tensor:
     """d loss_sum / d per_position[t]: the upstream gradient times the step weight, zero off the mask."""
     return grad_loss.float() * weight * position_mask.float()
@@ -119,8 +138,11 @@ class _TTTLossChunked(torch.autograd.Function):
     positions add nothing to the loss or the gradients, and the reference pays for them in full)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
                 teacher_probs, teacher_hidden, teacher_weight):
+        norm_weight, lm_head_weight, teacher_weight = _compute_dtype(ctx, o, norm_weight, lm_head_weight,
+                                                                     teacher_hidden, teacher_weight)
         probs_mode = teacher_probs is not None
         valid = torch.nonzero(position_mask).squeeze(1)
         lse = torch.empty(len(valid), dtype=torch.float32, device=o.device)
@@ -151,6 +173,7 @@ class _TTTLossChunked(torch.autograd.Function):
         return weight * total, correct
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss, _grad_correct):
         o, norm_weight, lm_head_weight, valid, lse, teacher_stat, *teacher = ctx.saved_tensors
         teacher_args = (teacher[0], None, None) if ctx.probs_mode else (None, *teacher)
@@ -182,8 +205,8 @@ class _TTTLossChunked(torch.autograd.Function):
                 if need_o:
                     d_o.index_copy_(0, rows, d_o_c)
             del d_logits  # before the next chunk's is allocated, not after
-        return (None, None, None, d_o, d_norm.to(norm_weight.dtype) if need_norm else None,
-                d_head.to(lm_head_weight.dtype) if need_head else None, None, None, None, None)
+        return (None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
+                d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None, None)
 
 
 def ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
@@ -338,8 +361,13 @@ if triton is not None:
 
     class _TTTLossTriton(torch.autograd.Function):
         @staticmethod
+        @autocast_off
         def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
                     teacher_probs, teacher_hidden, teacher_weight):
+            norm_weight, lm_head_weight, teacher_weight = _compute_dtype(ctx, o, norm_weight, lm_head_weight,
+                                                                         teacher_hidden, teacher_weight)
+            norm_weight, lm_head_weight = norm_weight.contiguous(), lm_head_weight.contiguous()
+            teacher_weight = teacher_weight.contiguous() if teacher_weight is not None else None
             T, H = o.shape
             vocab = lm_head_weight.shape[0]
             probs_mode = teacher_probs is not None
@@ -383,6 +411,7 @@ if triton is not None:
             return loss_sum, correct
 
         @staticmethod
+        @autocast_off
         def backward(ctx, grad_loss, _grad_correct):
             o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw = ctx.saved_tensors
             need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
@@ -414,23 +443,16 @@ if triton is not None:
                     d_norm += d_norm_c
                     if need_o:
                         d_o[rows] = d_o_c
-            return (None, None, None, d_o, d_norm.to(norm_weight.dtype) if need_norm else None,
-                    d_head.to(lm_head_weight.dtype) if need_head else None, None, None, None, None)
+            return (None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
+                    d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None, None)
 
 
 def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
                          teacher_hidden=None, teacher_weight=None, chunk_tokens: int = 1024):
     """The CUDA path (or CPU under TRITON_INTERPRET=1); ``chunk_tokens`` bounds backward's dz buffer."""
     check_impl("triton", o.device, "loss")
-    if len({o.dtype, norm_weight.dtype, lm_head_weight.dtype}) != 1:
-        raise ValueError(f"ttt loss (triton): o, norm.weight and lm_head.weight must share one dtype, got "
-                         f"{o.dtype}, {norm_weight.dtype}, {lm_head_weight.dtype}")
-    if teacher_hidden is not None and teacher_hidden.dtype != teacher_weight.dtype:
-        raise ValueError(f"ttt loss (triton): teacher_hidden ({teacher_hidden.dtype}) and teacher_weight "
-                         f"({teacher_weight.dtype}) must share one dtype")
-    contiguous = [t.contiguous() if t is not None else None
-                  for t in (o, norm_weight, lm_head_weight, teacher_probs, teacher_hidden, teacher_weight)]
-    o, norm_weight, lm_head_weight, teacher_probs, teacher_hidden, teacher_weight = contiguous
+    o, teacher_probs, teacher_hidden = [t.contiguous() if t is not None else None
+                                        for t in (o, teacher_probs, teacher_hidden)]
     return _TTTLossTriton.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
                                 teacher_probs, teacher_hidden, teacher_weight)
 

@@ -47,11 +47,12 @@ class TargetConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: Optional[int] = None  # expert tensor parallel (MoE only); unset = the same as tp, as in Megatron
     sp: bool = False
     # Output-of-layer ids (0-based) whose hidden states feed the draft; None = [1, L//2-1, L-4].
     capture_layer_ids: Optional[list[int]] = None
     micro_batch_size: int = 1  # sequences per target micro-batch in the pipeline schedule
+    # The target's weights and activations (the dtype policy: specforge_mcore/precision.py).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     # Block-FP8 checkpoints (quantization_config quant_method "fp8" with weight_block_size, as the official
@@ -75,6 +76,9 @@ class DraftConfig:
     head_dim: Optional[int] = None
     draft_vocab_size: int = 32000
     rms_norm_eps: Optional[float] = None
+    # The draft's compute dtype; master weights and AdamW state are always fp32. auto: bf16 on CUDA, fp32 on
+    # CPU (specforge_mcore/precision.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     ttt_steps: int = 7
     ttt_decay: float = 0.8
     # EAGLE-3.1: an RMSNorm on each captured layer before fc.

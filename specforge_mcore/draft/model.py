@@ -80,7 +80,8 @@ class DraftArch:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: statistics in fp32, scale in the weight's dtype."""
+    """Llama's RMSNorm: statistics in fp32, the scale in the input's dtype (the fp32 master weight is cast to
+    the compute dtype, as SGLang serves it with bf16 weights; docs/design.md §9)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -89,7 +90,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight.to(x.dtype) * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from specforge_mcore import platform
 from specforge_mcore.config import RunConfig, config_to_dict, save_config
 from specforge_mcore.errors import UserError
+from specforge_mcore.precision import DtypePolicy
 
 log = logging.getLogger("specforge_mcore.train")
 
@@ -160,8 +161,10 @@ class Trainer:
         if self.is_main and not quiet:
             print(topology, flush=True)
 
-        target_dtype = getattr(torch, tc.dtype)
-        self.host = TargetHost(self.hf_dir, self.layout, target_dtype, tc.capture_layer_ids,
+        self.precision = DtypePolicy.resolve(tc.dtype, cfg.draft.dtype, self.device)
+        if self.is_main and not quiet:
+            print(self.precision.describe(), flush=True)
+        self.host = TargetHost(self.hf_dir, self.layout, self.precision.target, tc.capture_layer_ids,
                                teacher_impl=cfg.kernels.teacher, teacher_chunk_tokens=cfg.kernels.teacher_chunk_tokens,
                                fp8=tc.fp8, quantize=tc.quantize)
         if self.is_main and not quiet and self.host.weights_note:
@@ -243,14 +246,15 @@ class Trainer:
             check_draft_fits_target(draft.arch, self.hf, self.host.capture_layer_ids, cfg.draft.init_from)
         else:
             arch = DraftArch.from_target(self.hf, cfg.draft, self.host.capture_layer_ids, cfg.draft.draft_vocab_size)
-            arch.torch_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+            arch.torch_dtype = str(self.precision.draft_compute).removeprefix("torch.")
             draft = Eagle3Draft(arch)
             draft.set_vocab(vocab.d2t, vocab.t2d)
         # The draft shares the target's token embedding; the teacher needs the target's output rows of
-        # the draft vocabulary. Both are read straight from the checkpoint (fp32 here, cast below).
+        # the draft vocabulary. Both are read straight from the checkpoint and cast once, to the draft's
+        # compute dtype (the dtype policy's boundary), below.
         reader = SafetensorsReader(self.hf_dir)
         family = self.host.stage.family
-        embedding = reader.read(family.hf_key("embed")).to(getattr(torch, cfg.target.dtype))
+        embedding = reader.read(family.hf_key("embed")).to(self.precision.target)
         draft_ids = (draft.d2t + torch.arange(draft.arch.draft_vocab_size)).tolist()
         head_key = family.lm_head_key(self.hf)
         self.teacher_weight = torch.stack([reader.read(head_key, rows=(i, i + 1))[0] for i in draft_ids]).float()
@@ -260,9 +264,9 @@ class Trainer:
             # imitates the target's, so these are good logits from step 0.
             with torch.no_grad():
                 draft.lm_head.weight.copy_(self.teacher_weight)
-        draft.set_embedding(embedding)
+        draft.set_embedding(self.precision.to_draft(embedding))
         self.draft = draft.to(self.device)
-        self.teacher_weight = self.teacher_weight.to(self.device)
+        self.teacher_weight = self.precision.to_draft(self.teacher_weight).to(self.device)
         self.draft.embed_tokens = self.draft.embed_tokens.to(self.device)
         with torch.no_grad():  # identical start on every rank, whatever their RNG did
             for tensor in list(self.draft.parameters()) + [self.draft.d2t, self.draft.t2d]:
@@ -314,15 +318,15 @@ class Trainer:
         batch = DraftBatch(
             input_ids=data.input_ids[mine].to(dev), position_ids=data.position_ids[mine].to(dev),
             document_ids=data.document_ids[mine].to(dev), assistant_mask=data.assistant_mask[mine].to(dev),
-            aux_hidden=shard.aux_hidden, final_hidden=shard.final_hidden, target_argmax=shard.target_argmax)
+            aux_hidden=[self.precision.to_draft(h) for h in shard.aux_hidden],
+            final_hidden=self.precision.to_draft(shard.final_hidden), target_argmax=shard.target_argmax)
         steps = self.cfg.draft.ttt_steps
         masks = position_masks(batch, self.t2d, steps)
         valid = torch.stack([m.sum() for m in masks]).to(torch.float64)
         dist.all_reduce(valid)
         weights = [w / rounds for w in step_weights(valid, self.cfg.draft.ttt_decay)]
         kernels = self.cfg.kernels
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with timer("draft_forward"), autocast, torch.set_grad_enabled(train):
+        with timer("draft_forward"), self.precision.draft_autocast(dev), torch.set_grad_enabled(train):
             out = ttt_unroll(self.draft, batch, masks, weights, self.attention, self.teacher_weight,
                              loss_impl=kernels.loss, projection_impl=kernels.projection,
                              loss_chunk_tokens=kernels.loss_chunk_tokens)

@@ -155,3 +155,46 @@ def test_triton_on_gpu_matches_reference(dtype, per_layer_norm):
     inputs = make_inputs(1000, 512, 768, per_layer_norm, dtype, True, device="cuda")
     compare("triton", inputs, TOL[dtype])
     compare("auto", inputs, TOL[dtype])
+
+
+# ----------------------------------------------------------------------------------------------
+# The dtype policy (docs/design.md §9): bf16 activations, fp32 master weights, with or without autocast
+# ----------------------------------------------------------------------------------------------
+
+
+def policy_inputs(device="cpu", per_layer_norm=True):
+    """What the trainer hands the projection: captured layers in bf16, fc and norms as fp32 masters."""
+    hiddens, fc, norm, layer_norms = make_inputs(37, 24, 40, per_layer_norm, torch.bfloat16, True, device=device)
+    masters = [t.detach().float().requires_grad_() for t in [fc, norm, *(layer_norms or [])]]
+    return hiddens, masters[0], masters[1], (masters[2:] or None)
+
+
+def check_policy(impl, device, tol):
+    inputs = policy_inputs(device)
+    expected = run("reference", inputs)
+    actual = run(impl, inputs)
+    assert actual["g"].dtype == actual["g_norm"].dtype == torch.bfloat16, "outputs are in the activations' dtype"
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, f"{impl} {name}: gradient dtype"
+        assert_close(actual[name], expected[name], tol, f"{impl} {name} (bf16 activations, fp32 weights)")
+    # Weights' gradients come back in the weights' dtype (fp32), accumulated in fp32.
+    assert all(actual[f"grad{i}"].dtype == torch.float32 for i in range(3, 8))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under_autocast = run(impl, inputs)
+    for name in expected:
+        assert torch.equal(under_autocast[name], actual[name]), f"{impl} {name} changes under autocast"
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_dtype_policy_bf16_activations_fp32_weights(impl):
+    check_policy(impl, "cpu", TOL[torch.bfloat16])
+
+
+def test_triton_interpreted_dtype_policy():
+    check_policy("triton", "cpu", INTERPRETER_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_dtype_policy_on_gpu(impl):
+    check_policy(impl, "cuda", TOL[torch.bfloat16])

@@ -202,3 +202,45 @@ def test_triton_on_gpu_matches_reference(dtype, teacher):
     inputs, kwargs = make_inputs(1500, 512, 32000, teacher, dtype, device="cuda")
     compare("triton", inputs, kwargs, TOL[dtype], chunk_tokens=512)
     compare("auto", inputs, kwargs, TOL[dtype], chunk_tokens=512)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dtype policy (docs/design.md §9): bf16 activations, fp32 master weights, with or without autocast
+# ----------------------------------------------------------------------------------------------
+
+
+def policy_inputs(teacher, device="cpu"):
+    """What the trainer hands the loss: the draft's output and the teacher in bf16, norm and head as fp32
+    masters (the teacher rows were cast to bf16 once, at the boundary)."""
+    (o, norm, head, mask), kwargs = make_inputs(37, 40, 50, teacher, torch.bfloat16, device=device)
+    return (o, norm.detach().float().requires_grad_(), head.detach().float().requires_grad_(), mask), kwargs
+
+
+def check_policy(impl, teacher, device, tol):
+    inputs, kwargs = policy_inputs(teacher, device)
+    expected = compare(impl, inputs, kwargs, tol)
+    actual = run(impl, inputs, kwargs)
+    assert actual["d_o"].dtype == torch.bfloat16
+    assert actual["d_norm"].dtype == actual["d_head"].dtype == torch.float32, "weight gradients in fp32"
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under_autocast = run(impl, inputs, kwargs)
+    for name in actual:
+        assert torch.equal(under_autocast[name], actual[name]), f"{impl} {name} changes under autocast"
+    return expected
+
+
+@pytest.mark.parametrize("teacher", ["probs", "hidden"])
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_dtype_policy_bf16_activations_fp32_weights(impl, teacher):
+    check_policy(impl, teacher, "cpu", TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("teacher", ["probs", "hidden"])
+def test_triton_interpreted_dtype_policy(teacher):
+    check_policy("triton", teacher, "cpu", INTERPRETER_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("teacher", ["probs", "hidden"])
+def test_dtype_policy_on_gpu(teacher):
+    check_policy("triton", teacher, "cuda", TOL[torch.bfloat16])
