@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from specforge_mcore import collectives
+
 from ._common import INTERPRET, check_impl, triton
 
 __all__ = ["teacher_reference", "teacher_chunked", "teacher_triton", "fused_teacher"]
@@ -31,13 +33,11 @@ def teacher_reference(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_st
         logits = (hidden @ weight_shard.t()).float()
         if group is not None and dist.get_world_size(group) > 1:
             world = dist.get_world_size(group)
-            spans = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
-            dist.all_gather(spans, torch.tensor([vocab_start, logits.shape[1]]), group=group)
+            spans = collectives.all_gather(torch.tensor([vocab_start, logits.shape[1]]), group=group)
             widest = max(int(span[1]) for span in spans)
             padded = torch.full((logits.shape[0], widest), float("-inf"), device=logits.device)
             padded[:, :logits.shape[1]] = logits
-            pieces = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(pieces, padded, group=group)
+            pieces = collectives.all_gather(padded, group=group)
             order = sorted(range(world), key=lambda r: int(spans[r][0]))
             vocab_start = int(spans[order[0]][0])
             logits = torch.cat([pieces[r][:, :int(spans[r][1])] for r in order], dim=1)
@@ -67,12 +67,11 @@ def _reduce_over_group(best: torch.Tensor, best_id: torch.Tensor, draft_logits: 
     """Global argmax from per-shard (max, id): the largest value wins, then the smallest id among equals."""
     if group is None or dist.get_world_size(group) == 1:
         return best_id, draft_logits
-    top = best.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    candidate = torch.where(best == top, best_id, torch.iinfo(torch.int64).max)
-    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=group)
+    top = collectives.all_reduce(best.clone(), op="max", group=group)
+    candidate = collectives.all_reduce(torch.where(best == top, best_id, torch.iinfo(torch.int64).max), op="min",
+                                       group=group)
     if draft_logits is not None:
-        dist.all_reduce(draft_logits, op=dist.ReduceOp.SUM, group=group)
+        collectives.all_reduce(draft_logits, op="sum", group=group)
     return candidate, draft_logits
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
 
 
@@ -199,8 +200,8 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
     if dist.is_initialized():
         return launch
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+        backend = collectives.init_backend()
+    if "nccl" in backend:
         torch.cuda.set_device(launch.local_rank)
     elif launch.launcher in ("mpi", "slurm") and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks sharing a node would each start one thread per core and fight over them
@@ -247,8 +248,7 @@ def describe_topology(layout, world_size: int, launch: LaunchEnv) -> str:
                 pp=ps.get_pipeline_model_parallel_rank(), tp=ps.get_tensor_model_parallel_rank(),
                 dp=ps.get_data_parallel_rank(), ep=ps.get_expert_model_parallel_rank(),
                 groups={name: tuple(dist.get_process_group_ranks(g)) for name, g in groups.items()})
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
+    everyone = collectives.all_gather_object(mine)
     dp = ps.get_data_parallel_world_size()
     hosts = sorted({r["host"] for r in everyone})
     lines = [f"topology: world={world_size} on {len(hosts)} node(s) (launcher: {launch.launcher}, rendezvous "
@@ -267,14 +267,11 @@ def describe_topology(layout, world_size: int, launch: LaunchEnv) -> str:
 def raise_together(error: Optional[BaseException], src: int = 0) -> None:
     """Collective: if rank ``src`` hit ``error``, every rank raises it (a UserError with its message);
     nobody is left waiting in a later collective."""
-    from specforge_mcore.errors import UserError
-
-    holder = [None if error is None else (type(error).__name__, str(error), isinstance(error, UserError))]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(holder, src=src)
-    if holder[0] is None:
+    verdict = collectives.broadcast_object(
+        None if error is None else (type(error).__name__, str(error), isinstance(error, UserError)), src=src)
+    if verdict is None:
         return
     if error is not None:
         raise error
-    name, message, is_user = holder[0]
+    name, message, is_user = verdict
     raise (UserError(message) if is_user else RuntimeError(f"rank {src} failed with {name}: {message}"))

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from specforge_mcore import collectives
 from specforge_mcore.config import config_to_dict, load_config
 from specforge_mcore.errors import UserError
 
@@ -75,8 +76,6 @@ def _cpu_peak_during(fn) -> int:
 
 def measure_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, steps: int) -> dict:
     """One rank: ``steps`` optimizer steps; time all but the first, measure memory over the last."""
-    import torch.distributed as dist
-
     from specforge_mcore.config import config_from_dict
     from specforge_mcore.train.phases import PHASES, PhaseTimer
     from specforge_mcore.train.trainer import Trainer
@@ -109,8 +108,7 @@ def measure_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, steps: i
             seconds.append(elapsed)
             tokens.append(metrics["tokens"])
             phases.append(split)
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     timed = max(1, len(seconds))
     return {
         "rank": rank,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from specforge_mcore import collectives
 from specforge_mcore.target.host import StageCapture, TargetHost
 
 
@@ -68,22 +69,20 @@ def scatter_features(host: TargetHost, captures: list[StageCapture], micro_batch
 
     pp_ranks = dist.get_process_group_ranks(host.pp_group) if pp > 1 else [dist.get_rank()]
     received: dict[str, torch.Tensor] = {}
-    ops = []
+    sends, recvs = [], []
     for name, stage in owner.items():
         if stage == host.pp_rank:
             received[name] = local[name][lo:hi]
             for dest_stage in range(pp):
                 if dest_stage != host.pp_rank:
                     d_lo, d_hi = shard_bounds(num_sequences, tp * pp, dest_stage * tp + host.tp_rank)
-                    ops.append(dist.P2POp(dist.isend, local[name][d_lo:d_hi].contiguous(), pp_ranks[dest_stage]))
+                    sends.append((local[name][d_lo:d_hi], pp_ranks[dest_stage]))
         else:
             is_ids = name == "target_argmax"
             shape = (hi - lo, seq_len) if is_ids else (hi - lo, seq_len, host.model.config.hidden_size)
             received[name] = torch.empty(shape, dtype=torch.int64 if is_ids else host.dtype, device=device)
-            ops.append(dist.P2POp(dist.irecv, received[name], pp_ranks[stage]))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+            recvs.append((received[name], pp_ranks[stage]))
+    collectives.exchange(sends, recvs)
     return FeatureShard(
         aux_hidden=[received[f"aux{i}"] for i in range(len(host.capture_layer_ids))],
         final_hidden=received["final_hidden"],

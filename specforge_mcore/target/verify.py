@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
 from specforge_mcore.target.build import Layout, check_layout, read_hf_config
 from specforge_mcore.target.families import family_for
@@ -96,7 +97,6 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
                   capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto") -> list[dict]:
     """Run every layout on this rank (spawned); return what this rank computed for each. ``fp8``: the
     target.fp8 mode, or one per layout."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from specforge_mcore.parallel import init_distributed
@@ -136,7 +136,7 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
                 result["target_argmax"] = torch.cat([c.target_argmax for c in captures])
         results.append(result)
         del host, captures
-        dist.barrier()
+        collectives.barrier()
         ps.destroy_model_parallel()
     return results
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
 from specforge_mcore.fileio import fsync_path
 from specforge_mcore.train import faults
@@ -127,9 +128,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
 
 def _agree(error: Optional[BaseException], what: str) -> None:
     """Make every rank fail together (with rank 0's message) when any rank failed."""
-    failed = torch.tensor([1 if error is not None else 0])
-    if dist.is_initialized():
-        dist.all_reduce(failed)
+    failed = collectives.all_reduce(torch.tensor([1 if error is not None else 0]))
     if int(failed) > 0:
         message = f"{what}: {error}" if error is not None else f"{what} on another rank"
         raise CheckpointWriteError(message)

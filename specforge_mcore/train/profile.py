@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
 
 PHASES = ("target_forward", "feature_transport", "teacher", "draft_forward", "draft_backward", "grad_reduce",
@@ -119,11 +120,7 @@ class StepProfiler:
                         if e.name == "teacher" and e.device_type.name == "CPU") / 1e6
         self.profiler = None
         ms = self._ms_per_step(teacher_s)
-        everyone = [None] * self.world
-        if dist.is_initialized():
-            dist.all_gather_object(everyone, ms)
-        else:
-            everyone = [ms]
+        everyone = collectives.all_gather_object(ms)
         if self.rank != 0:
             return
         first, last = self.window

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from specforge_mcore import collectives
 from specforge_mcore.config import RunConfig
 
 
@@ -30,7 +31,7 @@ def run_training(cfg: RunConfig, out_dir: str) -> list[dict]:
             print(format_step_table(eval_records[-1], f"held-out eval (step {eval_records[-1]['step']})"))
         print(f"run directory: {out_dir} (metrics.jsonl, training.png, checkpoints/)")
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
         dist.destroy_process_group()
     return history
 
@@ -39,8 +40,6 @@ def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_wei
                  eval_first: bool = False):
     """One rank of a training job started by ``specforge_mcore.parallel.spawn`` (tests, benchmarks).
     ``eval_first`` also evaluates the untrained draft on the held-out split."""
-    import torch.distributed as dist
-
     from specforge_mcore.config import config_from_dict
     from specforge_mcore.train.trainer import Trainer
 
@@ -50,6 +49,5 @@ def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_wei
     history = trainer.fit()
     weights = {k: v.detach().cpu().clone() for k, v in trainer.draft.trainable_state_dict().items()} \
         if return_weights and rank == 0 else None
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     return {"history": history, "weights": weights, "rank": rank, "eval_before": before}
