@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -24,6 +25,42 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("specforge_mcore.bench.cli", "benchmarks: loss, projection, teacher, attention, train"),
     "plan": ("specforge_mcore.train.plan", "per-rank memory plan of a run config"),
 }
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher (torchrun/spawn, Slurm, MPI) tells it; 0 when none did."""
+    env = os.environ
+    return int(env.get("RANK", env.get("SLURM_PROCID", env.get("OMPI_COMM_WORLD_RANK", "0"))))
+
+
+class _RankFilter(logging.Filter):
+    """INFO and above on rank 0, WARNING and above elsewhere. The rank is read when a record is emitted:
+    ranks forked by ``parallel.spawn`` get their RANK after the logging was configured."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or launch_rank() == 0
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "specforge_mcore: " + (f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else "")
+        return prefix + super().format(record)
+
+
+def configure_logging() -> None:
+    """Show the package's log lines (``specforge_mcore.*`` loggers: backend choices, notes) on stderr:
+    INFO on rank 0, WARNING on the other ranks, as ``specforge_mcore: message``. Idempotent; when the
+    application already has root handlers (pytest, an embedding program) only the level is set, so no
+    line is printed twice."""
+    logger = logging.getLogger("specforge_mcore")
+    logger.setLevel(logging.INFO)
+    if logging.getLogger().handlers or any(getattr(h, "_specforge_mcore", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._specforge_mcore = True  # type: ignore[attr-defined]
+    handler.setFormatter(_Formatter("%(message)s"))
+    handler.addFilter(_RankFilter())
+    logger.addHandler(handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from specforge_mcore.platform import quiet_known_warnings
 
     quiet_known_warnings()
+    configure_logging()
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"specforge-mcore {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
@@ -58,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as exc:
         # One line per job, not one per rank (every rank of a torchrun/srun/mpirun job raises it).
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0:
+        if launch_rank() == 0:
             print(f"specforge-mcore {name}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,13 +6,23 @@ kd/vd ``[i, T, Hkv, D]``) and returns ``[T, Hq, D]``:
 
 * ``reference``: the straightforward form, explicit ``[T, T + i]`` scores per head (fp32), any device.
   Memory O(H T^2) per step; it is the spec the others are tested against.
-* ``flex``: FlexAttention with a block mask built from cu_seqlens, over the step-0 keys followed by the
-  diagonal keys of every step. CUDA only (FlexAttention has no backward on CPU).
+* ``flex``: FlexAttention (compiled) with a block mask built from cu_seqlens, over the step-0 keys
+  (same document and causal) followed by the diagonal keys of every step (the query's own position).
+  CUDA only (FlexAttention has no backward on CPU).
 * ``csrc``: the flash-style extension op (``csrc/``), O(T * D) extra memory; CPU and, when built so, CUDA.
 
-``select_attention_backend("auto", device)`` takes csrc when it is built for the device and passes a
-start-up parity check against the reference (once per process and device), else flex on CUDA, else
-the reference, and logs which one and why.
+Every backend takes fp32 or bf16 q/k/v and returns the dtype of q.
+
+``select_attention_backend("auto", device)`` follows ``choose_backend``:
+
+* CUDA: ``flex``. The csrc CUDA op is taken only when asked for (``draft.attention_backend=csrc``): it is
+  a scalar-FMA kernel with no tensor cores that has never been benchmarked on a GPU; until a GPU
+  benchmark in BENCHMARKS.md shows it ahead of FlexAttention, auto does not pick it.
+* CPU: ``csrc`` when the extension is built with CPU kernels and passes a start-up parity check against
+  the reference (once per process and device), else ``reference``.
+* any other device: ``reference``.
+
+The choice and its reason are logged (INFO; WARNING when auto falls back to the reference).
 """
 
 from __future__ import annotations
@@ -146,27 +156,51 @@ def csrc_parity(device: torch.device | str, tolerance: float = 1e-4) -> tuple[bo
     return result
 
 
-def select_attention_backend(name: str, device: torch.device | str) -> AttentionFn:
-    """The attention callable for ``draft.attention_backend`` = auto | reference | flex | csrc."""
-    device = torch.device(device)
+CSRC_CUDA_FACT = "the csrc CUDA op is a scalar-FMA kernel with no tensor cores that has never been benchmarked on a GPU"
+CSRC_CUDA_NOTE = (f"{CSRC_CUDA_FACT}: it is used only when asked for (draft.attention_backend=csrc), until a GPU "
+                  "benchmark in BENCHMARKS.md shows it ahead")
+
+
+def choose_backend(name: str, device_type: str, csrc_ok: bool, csrc_why: str = "") -> tuple[str, str]:
+    """The rule behind ``select_attention_backend``, without touching a device: ``(backend, reason)``.
+
+    ``csrc_ok`` / ``csrc_why``: whether the csrc op is built for the device and passed its parity check,
+    and why (only consulted for ``auto`` on the CPU)."""
     if name not in BACKENDS:
         raise UserError(f"draft.attention_backend={name!r} is not one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        ok, why = csrc_parity(device)
-        if ok:
-            log.info("attention backend: csrc (built for %s; start-up parity check passed: %s)", device.type, why)
-            return csrc_attention
-        chosen = "flex" if device.type == "cuda" else "reference"
-        log.warning("attention backend: %s (csrc not used on %s: %s)", chosen, device.type, why)
-        return _IMPLEMENTATIONS[chosen]
-    if name == "flex" and device.type != "cuda":
-        raise UserError(f"draft.attention_backend=flex needs a CUDA device, got {device}: FlexAttention has no "
+    if name == "flex" and device_type != "cuda":
+        raise UserError(f"draft.attention_backend=flex needs a CUDA device, got {device_type}: FlexAttention has no "
                         "backward on CPU; use csrc or reference")
+    if name != "auto":
+        reason = "asked for by draft.attention_backend"
+        if name == "csrc" and device_type == "cuda":
+            reason += f"; note: {CSRC_CUDA_FACT}"
+        return name, reason
+    if device_type == "cuda":
+        return "flex", f"auto on CUDA: FlexAttention, compiled, with a document-causal + diagonal block mask; {CSRC_CUDA_NOTE}"
+    if device_type == "cpu":
+        if csrc_ok:
+            return "csrc", f"auto on CPU: the csrc C++ op is built and its start-up parity check passed ({csrc_why})"
+        return "reference", f"auto on CPU: the csrc op is not used ({csrc_why}); the reference is O(H T^2) in memory"
+    return "reference", f"auto on {device_type}: only the reference runs on this device type"
+
+
+def select_attention_backend(name: str, device: torch.device | str) -> AttentionFn:
+    """The attention callable for ``draft.attention_backend`` = auto | reference | flex | csrc (see the
+    module docstring for the rule of ``auto``); logs which one and why."""
+    device = torch.device(device)
+    csrc_ok, csrc_why = False, ""
+    if name == "auto" and device.type == "cpu":
+        csrc_ok, csrc_why = csrc_parity(device)
+    backend, reason = choose_backend(name, device.type, csrc_ok, csrc_why)
     if name == "csrc":
         if not ttt_op.is_built(device):
             raise ttt_op.ExtensionNotBuiltError(f"draft.attention_backend=csrc: {ttt_op.build_hint(device)}")
         ok, why = csrc_parity(device)
         if not ok:
             raise RuntimeError(f"the csrc TTT attention failed its start-up parity check on {device}: {why}")
-    log.info("attention backend: %s (asked for by draft.attention_backend)", name)
-    return _IMPLEMENTATIONS[name]
+        reason += f"; start-up parity check passed ({why})"
+    fallback = name == "auto" and backend == "reference"
+    log.log(logging.WARNING if fallback else logging.INFO, "draft attention backend: %s on %s (%s)", backend,
+            device.type, reason)
+    return _IMPLEMENTATIONS[backend]

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from specforge_mcore import platform
+from specforge_mcore import collectives, platform
 from specforge_mcore.config import RunConfig, config_to_dict, save_config
 from specforge_mcore.errors import UserError
 from specforge_mcore.precision import DtypePolicy
@@ -80,10 +80,7 @@ def resolve_target_dir(cfg: RunConfig, rank: int) -> str:
     path = None
     if rank == 0:
         path = random_target(cfg.target.random.family, cfg.target.random.hf_config, cfg.target.random.seed)
-    holder = [path]
-    if dist.is_initialized():
-        dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    return collectives.broadcast_object(path, src=0)
 
 
 def check_writable(out_dir: str) -> None:
@@ -169,6 +166,10 @@ class Trainer:
                                fp8=tc.fp8, quantize=tc.quantize)
         if self.is_main and not quiet and self.host.weights_note:
             print(self.host.weights_note, flush=True)
+        # Before any data work: packed documents must not see each other in this target's attention path.
+        from specforge_mcore.target.packing_check import check_document_isolation
+
+        check_document_isolation(self.host)  # logs its summary; raises (on every rank) when documents leak
         self.hf = self.host.hf
         self._setup_data()
         self._setup_draft()
@@ -181,8 +182,7 @@ class Trainer:
 
     # ---- setup ----------------------------------------------------------------------------------
     def _barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
 
     def _setup_data(self) -> None:
         from specforge_mcore.data.prepare import load_tokenizer, prepare_data, summary
@@ -270,7 +270,7 @@ class Trainer:
         self.draft.embed_tokens = self.draft.embed_tokens.to(self.device)
         with torch.no_grad():  # identical start on every rank, whatever their RNG did
             for tensor in list(self.draft.parameters()) + [self.draft.d2t, self.draft.t2d]:
-                dist.broadcast(tensor.data, src=0)
+                collectives.broadcast(tensor.data, src=0)
         self.attention = select_attention_backend(cfg.draft.attention_backend, self.device)
         self.t2d = self.draft.t2d
 
@@ -323,7 +323,7 @@ class Trainer:
         steps = self.cfg.draft.ttt_steps
         masks = position_masks(batch, self.t2d, steps)
         valid = torch.stack([m.sum() for m in masks]).to(torch.float64)
-        dist.all_reduce(valid)
+        collectives.all_reduce(valid)
         weights = [w / rounds for w in step_weights(valid, self.cfg.draft.ttt_decay)]
         kernels = self.cfg.kernels
         with timer("draft_forward"), self.precision.draft_autocast(dev), torch.set_grad_enabled(train):
@@ -345,7 +345,7 @@ class Trainer:
                         tokens: int) -> dict:
         stats = torch.cat([weighted.double().cpu(), correct.double().cpu(), valid.double().cpu(),
                            torch.tensor([float(tokens)], dtype=torch.float64)])
-        dist.all_reduce(stats)
+        collectives.all_reduce(stats)
         s = self.cfg.draft.ttt_steps
         decay = self.cfg.draft.ttt_decay
         w, c, v, t = stats[:s], stats[s:2 * s], stats[2 * s:3 * s], stats[3 * s]
@@ -377,11 +377,11 @@ class Trainer:
             p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
         bad_ranks = torch.zeros(self.world)
         bad_ranks[self.rank] = float(local_bad)
-        dist.all_reduce(bad_ranks)
+        collectives.all_reduce(bad_ranks)
         with timer("grad_reduce"):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat)
+            collectives.all_reduce(flat)
             for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         metrics = self._reduce_metrics(*totals, tokens)

@@ -5,6 +5,10 @@ in float64, one head at a time; it shares no code with the backends.
 """
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -86,6 +90,21 @@ def test_reference_backend_keeps_the_input_dtype():
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("backend", ["reference", "csrc"])
+def test_backends_take_bf16_and_match_the_fp32_reference(backend):
+    """bf16 q/k/v through forward and backward: output and gradients stay bf16 and within bf16 rounding of
+    the fp32 reference (relative to each tensor's magnitude)."""
+    tensors, cu = make_inputs(CU, 8, 2, 32, 3, seed=5)
+    weight = torch.randn(CU[-1], 8, 32)
+    want = grads_of(attention.reference_attention, tensors, cu, weight)
+    low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+    got = grads_of(getattr(attention, f"{backend}_attention"), low, cu, weight.bfloat16())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        relative = ((g.float() - w).abs().max() / w.abs().max()).item()
+        assert relative < 2e-2, (backend, relative)
+
+
 def test_csrc_backend_matches_reference_backend():
     tensors, cu = make_inputs(CU, 8, 2, 32, 3, seed=3)
     weight = torch.randn(CU[-1], 8, 32)
@@ -125,6 +144,50 @@ def test_a_csrc_op_that_fails_parity_is_not_used(monkeypatch):
         attention.select_attention_backend("csrc", "cpu")
 
 
+def test_choose_backend_rule_per_device_type():
+    """auto: FlexAttention on CUDA whatever the csrc op can do; on CPU the csrc op when it is built and passed
+    its parity check, else the reference; explicit names are taken as asked."""
+    for csrc_ok in (True, False):
+        backend, reason = attention.choose_backend("auto", "cuda", csrc_ok, "parity ok")
+        assert backend == "flex"
+        assert "scalar-FMA kernel with no tensor cores that has never been benchmarked on a GPU" in reason
+        assert "draft.attention_backend=csrc" in reason
+    backend, reason = attention.choose_backend("auto", "cpu", True, "max diff 1e-7")
+    assert backend == "csrc" and "parity check passed" in reason and "max diff 1e-7" in reason
+    backend, reason = attention.choose_backend("auto", "cpu", False, "specforge_mcore._C did not load")
+    assert backend == "reference" and "did not load" in reason
+    assert attention.choose_backend("auto", "mps", True)[0] == "reference"
+    backend, reason = attention.choose_backend("csrc", "cuda", False)
+    assert backend == "csrc" and "never been benchmarked on a GPU" in reason
+    assert attention.choose_backend("flex", "cuda", False)[0] == "flex"
+    assert attention.choose_backend("reference", "cuda", True)[0] == "reference"
+    assert attention.choose_backend("csrc", "cpu", True)[0] == "csrc"
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        attention.choose_backend("flex", "cpu", True)
+    with pytest.raises(UserError, match="not one of"):
+        attention.choose_backend("sdpa", "cuda", True)
+
+
+def test_the_cli_logging_shows_the_choice_on_rank_0_only():
+    """The CLI configures logging once: the backend line reaches stderr as `specforge_mcore: ...` on rank 0
+    (once, however often it is configured) and not on other ranks."""
+    script = textwrap.dedent("""
+        from specforge_mcore.cli import configure_logging
+        from specforge_mcore.draft.attention import select_attention_backend
+        configure_logging()
+        configure_logging()
+        select_attention_backend("reference", "cpu")
+    """)
+    for rank, expected in (("0", 1), ("1", 0)):
+        env = dict(os.environ, RANK=rank)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if "draft attention backend" in line]
+        assert len(lines) == expected, proc.stderr
+        if expected:
+            assert lines[0].startswith("specforge_mcore: draft attention backend: reference on cpu"), lines
+
+
 def test_explicit_backends_and_bad_names():
     assert attention.select_attention_backend("reference", "cpu") is attention.reference_attention
     assert attention.select_attention_backend("csrc", torch.device("cpu")) is attention.csrc_attention
@@ -158,6 +221,21 @@ def test_cuda_backends_match_reference(backend):
 
 
 @pytest.mark.gpu
-def test_auto_picks_csrc_on_cuda():
-    assert attention.select_attention_backend("auto", "cuda") is attention.csrc_attention, \
-        attention._parity_results.get("cuda:0") or attention._parity_results.get("cuda")
+@pytest.mark.parametrize("backend", ["flex", "csrc"])
+def test_cuda_backends_take_bf16(backend):
+    fn = attention.select_attention_backend(backend, "cuda")
+    tensors, cu = make_inputs([0, 100, 101, 250, 300], 8, 2, 64, 3, device="cuda", seed=11)
+    weight = torch.randn(300, 8, 64, device="cuda")
+    want = grads_of(attention.reference_attention, tensors, cu, weight)
+    low = [t.detach().bfloat16().requires_grad_() for t in tensors]
+    for g, w in zip(grads_of(fn, low, cu, weight.bfloat16()), want):
+        assert g.dtype == torch.bfloat16
+        assert ((g.float() - w).abs().max() / w.abs().max()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_auto_picks_flex_on_cuda(caplog):
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        assert attention.select_attention_backend("auto", "cuda") is attention.flex_attention_ttt
+    assert "never been benchmarked on a GPU" in caplog.text
+    assert not attention._parity_results  # the csrc CUDA op is not even tried
