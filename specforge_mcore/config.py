@@ -32,7 +32,7 @@ class ConfigError(UserError, ValueError):
 class RandomTargetConfig:
     """A target generated on the fly (random weights, no download) from an HF-style config dict."""
 
-    family: Literal["llama", "qwen3", "qwen3_moe", "mixtral"] = "qwen3_moe"
+    family: Literal["llama", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"] = "qwen3_moe"
     hf_config: dict = field(default_factory=dict)  # overrides of the family's small defaults
     seed: int = 1234
 

@@ -51,15 +51,21 @@ def inverse_frequencies(hf: dict, head_dim: int) -> torch.Tensor:
         medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     else:
-        raise UserError(f"rope_type={kind!r} is not supported (supported: default, linear, llama3)")
+        raise UserError(f"rope_type={kind!r} is not supported (supported: default, linear, llama3, yarn)")
     return inv_freq.float()
 
 
 class RopeTable:
-    """Rotary angles for arbitrary position ids."""
+    """Rotary angles for arbitrary position ids. For YaRN, ``attention_factor`` is the cos/sin multiplier
+    (HF's and SGLang's); ``cos_sin`` applies it, ``freqs`` (Megatron's layout) leaves it to the caller,
+    as Megatron's own YaRN module does. Every other RoPE type has factor 1."""
 
     def __init__(self, hf: dict, head_dim: int, device: Optional[torch.device] = None):
-        self.inv_freq = inverse_frequencies(hf, head_dim).to(device or "cpu")
+        if rope_parameters(hf)["rope_type"] == "yarn":
+            inv_freq, self.attention_factor = yarn_inverse_frequencies(hf, head_dim)
+        else:
+            inv_freq, self.attention_factor = inverse_frequencies(hf, head_dim), 1.0
+        self.inv_freq = inv_freq.to(device or "cpu")
 
     def freqs(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Megatron's layout: [s, b, 1, head_dim] angles (the half-rotation repeated)."""
@@ -70,7 +76,9 @@ class RopeTable:
         """HF's layout: cos, sin of shape [..., head_dim] for position_ids [...]."""
         angles = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)
         emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos(), emb.sin()
+        if self.attention_factor == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
 
 def yarn_inverse_frequencies(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -170,7 +170,8 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("t2d", torch.zeros(arch.vocab_size, dtype=torch.bool))
         # The target's token embedding: frozen, shared, never saved with the draft.
         self.register_buffer("embed_tokens", torch.zeros(0, arch.hidden_size), persistent=False)
-        self.rope = RopeTable({"rope_parameters": arch.rope}, arch.head_dim)
+        self.rope = RopeTable({"rope_parameters": arch.rope, "max_position_embeddings": arch.max_position_embeddings},
+                              arch.head_dim)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:

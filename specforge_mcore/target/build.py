@@ -17,7 +17,7 @@ import torch
 from specforge_mcore.errors import UserError
 from specforge_mcore.fileio import read_json
 from specforge_mcore.platform import apply_platform_shims, has_transformer_engine
-from specforge_mcore.rope import RopeTable, rope_parameters, yarn_inverse_frequencies
+from specforge_mcore.rope import RopeTable
 from specforge_mcore.target.families import Family, family_for
 
 
@@ -265,20 +265,6 @@ def target_dot_product_attention() -> type:
     return TargetDotProductAttention
 
 
-class YarnRopeTable(RopeTable):
-    """YaRN angles; ``attention_factor`` (HF's cos/sin multiplier) is applied by whoever uses them."""
-
-    def __init__(self, hf: dict, head_dim: int):
-        inv_freq, self.attention_factor = yarn_inverse_frequencies(hf, head_dim)
-        self.inv_freq = inv_freq
-
-
-def rope_table(hf: dict, head_dim: int) -> RopeTable:
-    if rope_parameters(hf)["rope_type"] == "yarn":
-        return YarnRopeTable(hf, head_dim)
-    return RopeTable(hf, head_dim)
-
-
 class PositionRotary(torch.nn.Module):
     """RoPE for Megatron's MLA from explicit position ids.
 
@@ -372,7 +358,7 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
     layer_ids = [layer.layer_number - 1 for layer in model.decoder.layers]
     position_rotary = None
     if config.multi_latent_attention:
-        position_rotary = PositionRotary(rope_table(hf, config.qk_pos_emb_head_dim), config.rope_type == "yarn")
+        position_rotary = PositionRotary(RopeTable(hf, config.qk_pos_emb_head_dim), config.rope_type == "yarn")
         for layer in model.decoder.layers:
             layer.self_attention.rotary_pos_emb = position_rotary
     return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab, position_rotary)

@@ -22,7 +22,8 @@ import torch
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.platform import device as platform_device
-from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config, rope_table
+from specforge_mcore.rope import RopeTable
+from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config
 from specforge_mcore.target.load import SafetensorsReader, load_stage_weights
 
 
@@ -105,7 +106,7 @@ class TargetHost:
         self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)
                                   if capture_layer_ids is not None else default_capture_layer_ids(self.num_layers))
         # Rotary angles the host passes to Megatron's attention (MLA computes its own from positions).
-        self.rope = None if self.stage.position_rotary is not None else rope_table(self.hf, self.model.config.kv_channels)
+        self.rope = None if self.stage.position_rotary is not None else RopeTable(self.hf, self.model.config.kv_channels)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
