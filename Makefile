@@ -7,7 +7,7 @@ CONSTRAINTS := requirements/constraints.txt
 SMOLLM2 := .cache/targets/smollm2
 SMOLLM2_MOE := .cache/targets/smollm2-moe4
 
-.PHONY: setup system-deps venv sglang-venv targets demo test test-fast check-cuda clean
+.PHONY: setup system-deps venv sglang-venv targets demo test test-fast check-cuda gpu-wheels gpu-check clean
 
 setup: system-deps venv sglang-venv targets
 	@echo "setup done: $(VENV)/bin/specforge-mcore is ready"
@@ -53,6 +53,34 @@ test-fast:
 
 check-cuda:
 	bash csrc/check_cuda.sh
+
+# The GPU check (README "GPU check"). `make gpu-wheels` runs here (network): .whl/ gets the Megatron-Core
+# wheel for the GPU node's Python, setuptools as a fallback for the C++/CUDA build, and the SmolLM2
+# tokenizer files that configs/tiny.yaml reads (no weights). `make gpu-check` runs on the GPU node, offline.
+GPU_WHEELS := .whl
+GPU_PYTHON_VERSION ?= 3.12
+GPU_MCORE ?= megatron-core==0.19.2
+GPU_DOWNLOAD := $(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+TOKENIZER_FILES := tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja \
+	config.json generation_config.json
+
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)/fallback $(GPU_WHEELS)/tokenizer-smollm2
+	rm -f $(GPU_WHEELS)/*.whl $(GPU_WHEELS)/fallback/*.whl
+	$(GPU_DOWNLOAD) -d $(GPU_WHEELS) $(GPU_MCORE)
+	$(GPU_DOWNLOAD) -d $(GPU_WHEELS)/fallback setuptools
+	test -f $(SMOLLM2)/tokenizer.json || $(SF) prepare-target smollm2 --out $(SMOLLM2)
+	for f in $(TOKENIZER_FILES); do \
+		if [ -f $(SMOLLM2)/$$f ]; then cp $(SMOLLM2)/$$f $(GPU_WHEELS)/tokenizer-smollm2/; fi; \
+	done
+	@echo "$(GPU_WHEELS)/ for the GPU node ($$(du -sh $(GPU_WHEELS) | cut -f1)):"
+	@find $(GPU_WHEELS) -type f | sort | xargs ls -l
+
+# On the GPU node: GPU_CHECK_ARGS="--only build,tests" (or --dry-run) passes options to the script.
+gpu-check:
+	bash launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build *.egg-info specforge_mcore/_C*.so
