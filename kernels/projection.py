@@ -179,7 +179,7 @@ if triton is not None:
                 x = _scale_rounded(x, rstd[:, None], lw[None, :]).to(x.dtype)
             w = tl.load(W + outs.to(tl.int64)[:, None] * stride_w + (col0 + ks)[None, :],
                         mask=out_ok[:, None] & k_ok[None, :], other=0.0)
-            if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (DESIGN.md section 3)
+            if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (docs/design.md §3)
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)

@@ -158,7 +158,7 @@ if triton is not None:
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(W + cols.to(tl.int64)[:, None] * stride_w + ks[None, :],
                             mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (DESIGN.md section 3)
+                if UPCAST:  # the interpreter's tl.dot is wrong on bf16 (docs/design.md §3)
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)

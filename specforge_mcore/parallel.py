@@ -202,6 +202,10 @@ def init_distributed(backend: Optional[str] = None) -> LaunchEnv:
     if backend is None:
         backend = collectives.init_backend()
     if "nccl" in backend:
+        if launch.local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {launch.local_rank} of {launch.local_world_size} on this node, but only "
+                            f"{torch.cuda.device_count()} GPU(s) are visible: NCCL needs one GPU per rank (start "
+                            "as many ranks per node as GPUs, or check CUDA_VISIBLE_DEVICES)")
         torch.cuda.set_device(launch.local_rank)
     elif launch.launcher in ("mpi", "slurm") and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks sharing a node would each start one thread per core and fight over them

@@ -1,4 +1,4 @@
-"""The draft vocabulary: which target token ids the draft's head predicts (DESIGN §4).
+"""The draft vocabulary: which target token ids the draft's head predicts (docs/design.md §4).
 
 ``d2t[i] = target_id(i) - i`` (int64 offsets, as SGLang reads them) for draft ids ``i`` in ascending
 target-id order, and ``t2d`` is a bool mask over the target vocabulary. The ids are the ``Vd`` most

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft (DESIGN §4): ``fc`` over three captured target layers, one Llama decoder layer whose
+"""The EAGLE-3 draft (docs/design.md §4): ``fc`` over three captured target layers, one Llama decoder layer whose
 attention reads ``cat(input_layernorm(embed(token)), hidden_norm(hidden))`` (width 2H), a final norm and
 a head over the draft vocabulary.
 
@@ -34,7 +34,7 @@ class DraftArch:
     rms_norm_eps: float
     rope: dict  # rope_parameters of the target: rope_theta, rope_type, scaling fields
     max_position_embeddings: int
-    capture_layer_ids: list[int]  # output-of-layer convention, 0-based (DESIGN §4)
+    capture_layer_ids: list[int]  # output-of-layer convention, 0-based (docs/design.md §4)
     per_layer_norm: bool = False  # EAGLE-3.1: RMSNorm on each captured layer before fc
     torch_dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
@@ -145,7 +145,7 @@ class DraftLayer(nn.Module):
         self.mlp = DraftMLP(arch)
 
     def attention_input(self, embedding: torch.Tensor, hidden_normed: torch.Tensor) -> torch.Tensor:
-        """cat(input_layernorm(embed(token)), hidden_norm(hidden)): embedding first (DESIGN §4)."""
+        """cat(input_layernorm(embed(token)), hidden_norm(hidden)): embedding first (docs/design.md §4)."""
         return torch.cat([self.input_layernorm(embedding), hidden_normed], dim=-1)
 
     def finish(self, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

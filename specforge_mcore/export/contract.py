@@ -1,4 +1,4 @@
-"""The serving-checkpoint contract (DESIGN §5) as data, and the one check every writer and reader runs.
+"""The serving-checkpoint contract (docs/design.md §5) as data, and the one check every writer and reader runs.
 
 A serving directory is ``config.json`` + ``model.safetensors``. What must be in it is derived from the
 draft's ``DraftArch`` alone:

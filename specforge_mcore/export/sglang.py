@@ -1,4 +1,4 @@
-"""The SGLang EAGLE-3 layout (DESIGN §5): ``LlamaForCausalLMEagle3`` with ``midlayer.*`` tensors.
+"""The SGLang EAGLE-3 layout (docs/design.md §5): ``LlamaForCausalLMEagle3`` with ``midlayer.*`` tensors.
 
 The draft's own parameter names already are SGLang's, so the tensors pass through unchanged, except the
 EAGLE-3.1 per-captured-layer norms, which SGLang calls ``fc_norm.{0,1,2}`` (enabled by ``fc_norm: true``).

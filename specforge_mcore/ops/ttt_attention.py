@@ -1,6 +1,6 @@
 """The TTT attention op (``specforge_mcore::ttt_attention_fwd`` / ``_bwd``, built from ``csrc/``).
 
-Step i of the training-time-test unroll (DESIGN.md §4), on a packed batch of T tokens whose documents
+Step i of the training-time-test unroll (docs/design.md §4), on a packed batch of T tokens whose documents
 are given by ``cu_seqlens`` (int32 ``[n_docs + 1]``, from 0 to T; padding is a document of its own):
 
 * ``q``       ``[T, Hq, D]``       queries of step i (RoPE applied by the caller)

@@ -3,7 +3,7 @@
 ``TargetHost`` owns this rank's stage of the model. ``forward(micro_batches)`` runs Megatron's schedule
 with ``forward_only=True`` and records, per micro-batch, on the stage that owns them:
 
-* the outputs of the capture layers (DESIGN §4: "output of layer i", 0-based; default [1, L//2-1, L-4]),
+* the outputs of the capture layers (docs/design.md §4: "output of layer i", 0-based; default [1, L//2-1, L-4]),
 * on the last stage the final hidden state (after the final norm) and the target's argmax over the
   full vocabulary, computed vocab-parallel (never ``[T, V]`` on one rank),
 * optionally (``verify-target``) the full logits, gathered over TP.
@@ -28,7 +28,7 @@ from specforge_mcore.target.load import SafetensorsReader, load_stage_weights
 
 
 def default_capture_layer_ids(num_layers: int) -> list[int]:
-    """DESIGN §4: outputs of layers [1, L//2 - 1, L - 4] (0-based "output of layer i")."""
+    """docs/design.md §4: outputs of layers [1, L//2 - 1, L - 4] (0-based "output of layer i")."""
     ids = [1, num_layers // 2 - 1, num_layers - 4]
     if num_layers < 5 or len(set(ids)) != 3:
         raise UserError(f"a target with {num_layers} layers is too shallow for the default capture layers "

@@ -34,6 +34,11 @@ from specforge_mcore.target.families import family_for
 from specforge_mcore.target.host import MicroBatch, default_capture_layer_ids
 
 TOLERANCE = 1e-4
+# A bf16 target against the fp32 HF reference: 8-bit mantissas through every layer. Differences are scaled
+# by max(1, |HF|), so this bounds the error at ~6 bf16 ulps of the largest value; near-ties may flip the
+# argmax, so up to ARGMAX_FLIPS of the positions may disagree there.
+DTYPE_TOLERANCE = {"float32": TOLERANCE, "bfloat16": 5e-2}
+ARGMAX_FLIPS = {"float32": 0.0, "bfloat16": 0.02}
 
 
 @dataclass
@@ -94,7 +99,8 @@ def random_inputs(vocab_size: int, seed: int, num_sequences: int = 4, seq_len: i
 
 
 def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inputs_per_dp: list[PackedInputs],
-                  capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto") -> list[dict]:
+                  capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto",
+                  dtype: str = "float32") -> list[dict]:
     """Run every layout on this rank (spawned); return what this rank computed for each. ``fp8``: the
     target.fp8 mode, or one per layout."""
     from megatron.core import parallel_state as ps
@@ -111,7 +117,7 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
     for layout, mode in zip(layouts, modes):
         init_model_parallel(layout)
         start = time.perf_counter()
-        host = TargetHost(hf_dir, layout, capture_layer_ids=capture_layer_ids, fp8=mode)
+        host = TargetHost(hf_dir, layout, getattr(torch, dtype), capture_layer_ids=capture_layer_ids, fp8=mode)
         load_seconds = time.perf_counter() - start
         dp = ps.get_data_parallel_rank()
         inputs = inputs_per_dp[dp % len(inputs_per_dp)]
@@ -201,7 +207,7 @@ def scaled_diff(ours: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor
 
 
 def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]], layouts: list[Layout],
-            tolerance: float = TOLERANCE) -> list[LayoutReport]:
+            tolerance: float = TOLERANCE, argmax_flips: float = 0.0) -> list[LayoutReport]:
     reports = []
     for li, layout in enumerate(layouts):
         rows = [per_rank[li] for per_rank in results]
@@ -236,9 +242,10 @@ def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]]
                 if tensor.shape != ref[name].shape or scaled_diff(tensor, ref[name], valid) > tolerance:
                     report.shards_ok = False
                     report.notes.append(f"dp{dp}: shard union of {name} differs from the batch")
-            if argmax.shape != valid.shape or bool((argmax != ref["logits"].argmax(-1))[valid].any()):
+            flips = (argmax != ref["logits"].argmax(-1))[valid].float().mean().item() if argmax.shape == valid.shape else 1.0
+            if flips > argmax_flips:
                 report.shards_ok = False
-                report.notes.append(f"dp{dp}: shard union of target_argmax differs")
+                report.notes.append(f"dp{dp}: shard union of target_argmax differs from HF at {flips:.1%} of positions")
         reports.append(report)
     return reports
 
@@ -249,7 +256,8 @@ def minimal_world(layout: Layout) -> int:
 
 
 def run_layouts(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: list[PackedInputs],
-                capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto") -> list[list[dict]]:
+                capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto",
+                dtype: str = "float32") -> list[list[dict]]:
     """Every layout on ``nproc`` spawned ranks: per rank, per layout, what ``layout_worker`` returns."""
     from specforge_mcore.parallel import spawn
 
@@ -258,25 +266,26 @@ def run_layouts(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: l
     for layout in layouts:
         check_layout(hf, family, layout, nproc, f"{hf_dir}/config.json")
     ids = capture_layer_ids or default_capture_layer_ids(hf["num_hidden_layers"])
-    return spawn(layout_worker, nproc, hf_dir, layouts, inputs_per_dp, ids, fp8)
+    return spawn(layout_worker, nproc, hf_dir, layouts, inputs_per_dp, ids, fp8, dtype)
 
 
 def run_verification(hf_dir: str, layouts: list[Layout], nproc: int, inputs_per_dp: list[PackedInputs],
                      capture_layer_ids: Optional[list[int]] = None, fp8: str | list[str] = "auto",
-                     reference_dir: Optional[str] = None, tolerance: float = TOLERANCE) -> list[LayoutReport]:
-    """Run the layouts and compare with HF transformers on ``reference_dir`` (default: the checkpoint
-    itself; an FP8 one through its dequantised weights)."""
+                     reference_dir: Optional[str] = None, tolerance: float = TOLERANCE,
+                     dtype: str = "float32") -> list[LayoutReport]:
+    """Run the layouts (target in ``dtype``) and compare with HF transformers in fp32 on ``reference_dir``
+    (default: the checkpoint itself; an FP8 one through its dequantised weights)."""
     hf = read_hf_config(hf_dir)
     ids = capture_layer_ids or default_capture_layer_ids(hf["num_hidden_layers"])
     start = time.perf_counter()
-    results = run_layouts(hf_dir, layouts, nproc, inputs_per_dp, ids, fp8)
+    results = run_layouts(hf_dir, layouts, nproc, inputs_per_dp, ids, fp8, dtype)
     spawn_seconds = time.perf_counter() - start
     start = time.perf_counter()
     model = load_hf_model(reference_dir or hf_dir)
     references = [hf_reference(model, inputs, ids) for inputs in inputs_per_dp]
     if os.environ.get("SPECFORGE_MCORE_VERBOSE"):
         print(f"[verify] ranks {spawn_seconds:.1f}s, HF reference {time.perf_counter() - start:.1f}s")
-    return compare(results, references, layouts, tolerance)
+    return compare(results, references, layouts, tolerance, ARGMAX_FLIPS[dtype])
 
 
 def format_reports(reports: list[LayoutReport]) -> str:
@@ -339,10 +348,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-dir", default=None,
                         help="compare with HF transformers on this checkpoint instead (e.g. the full-precision "
                              "twin of an FP8 one; then raise --tolerance to the quantization error)")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help=f"max difference relative to max(1, max|HF|) (default {TOLERANCE})")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_TOLERANCE), default="float32",
+                        help="the target's dtype (target.dtype); the HF reference runs in fp32")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max difference relative to max(1, max|HF|) (default: "
+                             + ", ".join(f"{k} {v:g}" for k, v in DTYPE_TOLERANCE.items()) + ")")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.tolerance is None:
+        args.tolerance = DTYPE_TOLERANCE[args.dtype]
     layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.sp, dispatcher=args.dispatcher)
     nproc = args.nproc or minimal_world(layout)
     hf = read_hf_config(args.hf_dir)
@@ -350,9 +365,10 @@ def main(args: argparse.Namespace) -> int:
     inputs = prompt_inputs(args.hf_dir, int(hf["vocab_size"]), args.seq_len, args.micro_batch_size,
                            rows_multiple_of=layout.tp * layout.pp)
     print(f"verify-target: {args.hf_dir} [{family_for(hf).name}, {hf['num_hidden_layers']} layers] "
-          f"layout {layout} on {nproc} process(es), {len(inputs.documents)} sequences of {args.seq_len} tokens")
+          f"layout {layout} on {nproc} process(es), {len(inputs.documents)} sequences of {args.seq_len} tokens, "
+          f"target {args.dtype}")
     reports = run_verification(args.hf_dir, [layout], nproc, [inputs], args.capture_layer_ids, args.fp8,
-                               args.reference_dir, args.tolerance)
+                               args.reference_dir, args.tolerance, args.dtype)
     print(format_reports(reports))
     worst_logits = max(r.logits for r in reports)
     worst_features = max(r.features for r in reports)

@@ -1,4 +1,4 @@
-"""The draft's TTT attention backends (DESIGN.md §4) and how one is chosen.
+"""The draft's TTT attention backends (docs/design.md §4) and how one is chosen.
 
 The naive reference here builds the visibility of every (query, key) pair with Python loops and attends
 in float64, one head at a time; it shares no code with the backends.

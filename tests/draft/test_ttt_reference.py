@@ -1,4 +1,4 @@
-"""The TTT loss against a naive reference written here from DESIGN §4 alone: explicit loops over steps
+"""The TTT loss against a naive reference written here from docs/design.md §4 alone: explicit loops over steps
 and positions, explicit visibility and validity rules, plain tensor ops on the draft's parameter
 values (no code shared with specforge_mcore.draft). Loss and every parameter gradient must agree."""
 
@@ -145,7 +145,7 @@ def test_ttt_matches_naive_reference(backend, loss_impl, steps):
 
 
 def test_mask_refers_to_the_predicted_token():
-    """Step i at t counts iff token t+2+i is an assistant token of t's document (DESIGN §4)."""
+    """Step i at t counts iff token t+2+i is an assistant token of t's document (docs/design.md §4)."""
     draft, batch, _ = _setup()
     batch.assistant_mask[:] = False
     batch.target_argmax[:] = (draft.d2t + torch.arange(VD))[0]  # always in the draft vocab

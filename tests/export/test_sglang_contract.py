@@ -1,4 +1,4 @@
-"""DESIGN §5: the SGLang export has exactly the contract's keys, shapes, dtypes and config fields."""
+"""docs/design.md §5: the SGLang export has exactly the contract's keys, shapes, dtypes and config fields."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The real client: SGLang's own ``LlamaForCausalLMEagle3`` loads our exports (DESIGN §5).
+"""The real client: SGLang's own ``LlamaForCausalLMEagle3`` loads our exports (docs/design.md §5).
 
 SGLang runs in ``.venv-sglang`` (``make sglang-venv``: sglang==0.5.23 with --no-deps and the small CPU set
 of requirements/sglang.txt) as a subprocess driven by ``sglang_driver.py``. One subprocess checks every

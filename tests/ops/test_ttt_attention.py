@@ -1,4 +1,4 @@
-"""The csrc TTT attention op (DESIGN.md §4 attention pattern) against a naive reference.
+"""The csrc TTT attention op (docs/design.md §4 attention pattern) against a naive reference.
 
 The naive reference below shares no code with the op or the draft backends: for every query it lists,
 in Python, the keys it may see (its document's step-0 keys up to itself, then its own diagonal key of

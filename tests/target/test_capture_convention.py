@@ -1,4 +1,4 @@
-"""The captured-layer convention (DESIGN §4): capture id i is the OUTPUT of 0-based layer i, which is
+"""The captured-layer convention (docs/design.md §4): capture id i is the OUTPUT of 0-based layer i, which is
 HF's ``hidden_states[i + 1]``. An off-by-one in either direction must fail this test."""
 
 

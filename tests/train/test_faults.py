@@ -1,4 +1,4 @@
-"""Reliability under real faults (DESIGN §8): each test injects the fault into a real run.
+"""Reliability under real faults (docs/design.md §8): each test injects the fault into a real run.
 
 Faults are injected with ``SPECFORGE_MCORE_FAULT`` (specforge_mcore/train/faults.py): a SIGKILL of one
 rank after a step, a SIGKILL in the middle of a checkpoint write, ENOSPC during a write, a NaN loss.
