@@ -149,4 +149,16 @@ def read_trainer_state(path: str) -> dict:
 
 def load_rng(path: str, rank: int) -> Optional[dict]:
     file = os.path.join(path, "rng", f"rank_{rank:05d}.pt")
-    return torch.load(file, weights_only=False) if os.path.isfile(file) else None
+    return load_plain(file) if os.path.isfile(file) else None
+
+
+def load_plain(path: str, map_location=None) -> Any:
+    """``torch.load`` of a checkpoint file that may come from someone else (``--resume`` on a copied run,
+    ``draft.init_from``): tensors and plain Python values only, never unpickled code."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refusing to load it: it holds objects other than tensors and plain values, "
+                        f"which could run code when unpickled ({str(exc).splitlines()[0]})") from None

@@ -476,7 +476,8 @@ class Trainer:
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
-        from specforge_mcore.train.checkpoint import latest_checkpoint, load_rng, read_trainer_state, set_rng_state
+        from specforge_mcore.train.checkpoint import (latest_checkpoint, load_plain, load_rng, read_trainer_state,
+                                                      set_rng_state)
 
         path = latest_checkpoint(self.out_dir)
         if path is None:
@@ -495,7 +496,7 @@ class Trainer:
                 raise UserError(f"{path}/draft.safetensors: {key} {list(tensor.shape)} does not fit this draft "
                                 f"({list(expected[key].shape) if key in expected else 'no such parameter'})")
         self.draft.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
-        opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=False)
+        opt = load_plain(os.path.join(path, "optimizer.pt"), map_location=self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step = int(state["step"])

@@ -6,6 +6,7 @@ rank after a step, a SIGKILL in the middle of a checkpoint write, ENOSPC during 
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -152,3 +153,27 @@ def test_draft_checkpoint_for_another_target(tmp_path):
     proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "other"),
                 "target.random.hf_config.hidden_size=96", f"draft.init_from={ckpt}"])
     assert_one_clean_error(proc, "target hidden states of size 64, this target's hidden_size is 96")
+
+
+class _RunsCode:
+    """Unpickling this would call os.system: what a booby-trapped checkpoint looks like."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /tmp/specforge_mcore_pwned",))
+
+
+def test_checkpoint_files_are_never_unpickled_as_code(tmp_path):
+    from specforge_mcore.errors import UserError
+    from specforge_mcore.train.checkpoint import load_plain
+
+    plain = tmp_path / "optimizer.pt"
+    torch.save({"optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"betas": (0.9, 0.95)}]},
+                "rng": random.getstate()}, plain)
+    assert load_plain(str(plain))["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    trap = tmp_path / "trap.pt"
+    torch.save({"optimizer": _RunsCode()}, trap)
+    with pytest.raises(UserError, match="refusing to load"):
+        load_plain(str(trap))
+    assert not os.path.exists("/tmp/specforge_mcore_pwned")
