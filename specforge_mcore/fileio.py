@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from specforge_mcore.errors import UserError
@@ -28,3 +30,23 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: str, out_dir: str) -> None:
+    """Move the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first and removed only
+    after the rename (put back if the rename fails), so a crash never leaves neither."""
+    parent = os.path.dirname(out_dir)
+    old = None
+    if os.path.lexists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        os.rename(out_dir, os.path.join(old, "previous"))
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(os.path.join(old, "previous"), out_dir)
+            os.rmdir(old)
+        raise
+    fsync_path(parent)
+    if old is not None:
+        shutil.rmtree(old)

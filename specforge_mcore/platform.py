@@ -49,7 +49,10 @@ def quiet_known_warnings() -> None:
     import warnings
 
     for pattern in (r"Transformer Engine and Apex are not installed", r"Apex is not installed",
-                    r"full scope is deprecated", r"Transformer Engine is not installed"):
+                    r"full scope is deprecated", r"Transformer Engine is not installed",
+                    # torch 2.13 deprecates the name Megatron's TP/SP gathers call (tensor_parallel/
+                    # mappings): one FutureWarning per call and rank flooded multi-rank runs.
+                    r"`torch.distributed.all_gather_into_tensor` is deprecated"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

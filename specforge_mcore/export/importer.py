@@ -40,7 +40,7 @@ import torch
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import sglang, speculators
-from specforge_mcore.fileio import fsync_path, read_json
+from specforge_mcore.fileio import fsync_path, read_json, replace_dir
 from specforge_mcore.train.checkpoint import COMPLETE
 
 FORMATS = ("sglang", "modelopt", "speculators")
@@ -301,10 +301,7 @@ def import_draft(source: str, out_dir: str, layout: str = "auto", target: Option
             fh.flush()
             os.fsync(fh.fileno())
         fsync_path(tmp)
-        if os.path.lexists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-        fsync_path(parent)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

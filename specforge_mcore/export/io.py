@@ -27,7 +27,7 @@ from specforge_mcore.draft.io import load_draft
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import contract, sglang, speculators
-from specforge_mcore.fileio import fsync_path, read_json
+from specforge_mcore.fileio import fsync_path, read_json, replace_dir
 
 FORMATS: dict[str, ModuleType] = {contract.SGLANG: sglang, contract.SPECULATORS: speculators}
 CONFIG = "config.json"
@@ -93,7 +93,7 @@ def write_export(draft: Eagle3Draft, out_dir: str, layout: str = contract.SGLANG
         # What was written, read back, must pass the same check (a short write or a bad cast shows here).
         read_config, read_tensors = _read(tmp)
         contract.validate(read_tensors, read_config, draft.arch, layout, torch_dtype, where=f"export to {out_dir}")
-        _replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,20 +191,3 @@ def _check_destination(out_dir: str, overwrite: bool) -> None:
                         "refusing to replace it even with --overwrite")
 
 
-def _replace(tmp: str, out_dir: str) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first, removed after."""
-    parent = os.path.dirname(out_dir)
-    old = None
-    if os.path.lexists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "previous"))
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.rename(os.path.join(old, "previous"), out_dir)
-            os.rmdir(old)
-        raise
-    fsync_path(parent)
-    if old is not None:
-        shutil.rmtree(old)

@@ -22,7 +22,9 @@ import logging
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -495,6 +497,12 @@ class Trainer:
             if key not in expected or tuple(tensor.shape) != tuple(expected[key].shape):
                 raise UserError(f"{path}/draft.safetensors: {key} {list(tensor.shape)} does not fit this draft "
                                 f"({list(expected[key].shape) if key in expected else 'no such parameter'})")
+        missing = sorted(set(expected) - set(weights))
+        if missing:
+            raise UserError(f"{path}/draft.safetensors lacks {', '.join(missing[:5])}"
+                            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}: an incomplete or "
+                            "foreign checkpoint; resume from another one")
+        # strict=False only because the frozen target embedding (a non-persistent buffer) is never saved.
         self.draft.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
         opt = load_plain(os.path.join(path, "optimizer.pt"), map_location=self.device)
         self.optimizer.load_state_dict(opt["optimizer"])
@@ -530,6 +538,7 @@ class Trainer:
         history = []
         last_saved = None
         stop_at = min(self.total_steps, cfg.exit_after_step or self.total_steps)
+        terminate = TerminationRequest()  # SIGTERM (Slurm before a time limit, preemption): save and leave
         while self.step < stop_at:
             profiler.begin(self.step)
             start = time.perf_counter()
@@ -550,13 +559,19 @@ class Trainer:
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0:
                 last_saved = self.save()
+            if terminate.agreed():
+                break
         bar.close()
         profiler.close()
-        if self.step < self.total_steps:  # exit_after_step: checkpoint and leave; --resume continues
+        terminate.restore()
+        if self.step < self.total_steps:  # exit_after_step or SIGTERM: checkpoint and leave; --resume continues
             if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
-                self.save()
+                last_saved = self.save()
             if self.is_main:
                 writer.close()
+                if terminate.signum is not None:
+                    print(f"received {signal.Signals(terminate.signum).name}: stopped after step {self.step} of "
+                          f"{self.total_steps}, checkpoint {last_saved}; continue with --resume", flush=True)
             return history
         final_eval = self.evaluate()
         if final_eval and self.is_main:
@@ -582,6 +597,35 @@ def truncate_metrics(path: str, step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.writelines(keep)
     os.replace(tmp, path)
+
+
+class TerminationRequest:
+    """SIGTERM/SIGUSR1 caught during training: the step in flight finishes, every rank agrees at the step
+    boundary (one all-reduce; a signal may reach the ranks at different steps), the run checkpoints and
+    returns cleanly. Handlers are installed only in the main thread and restored afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        flag = collectives.all_reduce(torch.tensor([0 if self.signum is None else self.signum]), op="max")
+        if int(flag) and self.signum is None:
+            self.signum = int(flag)
+        return bool(int(flag))
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 class NonFiniteError(UserError):

@@ -177,3 +177,36 @@ def test_checkpoint_files_are_never_unpickled_as_code(tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         load_plain(str(trap))
     assert not os.path.exists("/tmp/specforge_mcore_pwned")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resume_finishes(tmp_path):
+    """What Slurm sends before a time limit (and preemption): the step in flight ends, a checkpoint is
+    written, the process exits 0, and --resume finishes the run."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "specforge_mcore.cli", "train", "--config", "configs/tiny.yaml", "--out", str(out),
+            "train.max_steps=40", "train.eval_every=0", "train.save_every=0", "train.plot=false",
+            "data.max_length=64", "draft.ttt_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before the signal:\n{proc.stdout.read()[-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "received SIGTERM: stopped after step" in output
+    step, path = list_checkpoints(str(out))[-1]
+    assert 2 <= step < 40 and path.endswith(f"step_{step}")
+    assert len(metrics.read_text().splitlines()) == step
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list_checkpoints(str(out))[-1][0] == 40
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert logged == list(range(1, 41)), "every step logged exactly once across the stop and the resume"
