@@ -186,3 +186,38 @@ def check_tokenizer_matches(tokenizer, vocab_size: int, where: str) -> None:
     if vocab_size - size > vocab_size // 50 + 128:
         raise UserError(f"{where}: the tokenizer {name} has {size} tokens but the target's vocab_size is "
                         f"{vocab_size}; that many unused rows means the target uses a different tokenizer")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_same_tokenizer(tokenizer, target_dir: str, where: str) -> None:
+    """When the target directory ships its own tokenizer and the run reads another one
+    (``target.tokenizer_dir``), both must map every token to the same id and agree on the special tokens:
+    a size check alone passes a tokenizer whose ids are permuted, and the draft then learns garbage."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(target_dir, f)) for f in TOKENIZER_FILES):
+        return  # nothing to compare with (a generated target, or weights without tokenizer files)
+    if os.path.realpath(getattr(tokenizer, "name_or_path", "")) == os.path.realpath(target_dir):
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(target_dir)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{where}: cannot load the target's own tokenizer from {target_dir} to compare: {exc}") from None
+    name = getattr(tokenizer, "name_or_path", "?")
+    ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+    differing = sorted((t for t in set(ours) | set(theirs) if ours.get(t) != theirs.get(t)),
+                       key=lambda t: min(ours.get(t, 1 << 62), theirs.get(t, 1 << 62)))
+    if differing:
+        shown = ", ".join(f"{t!r}: {ours.get(t)} vs {theirs.get(t)}" for t in differing[:4])
+        raise UserError(f"{where}: the tokenizer {name} and the target's own ({target_dir}) map {len(differing)} "
+                        f"token(s) to different ids ({shown}{', ...' if len(differing) > 4 else ''}): the target "
+                        "was trained with another tokenizer; use its own (unset target.tokenizer_dir)")
+    for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        a, b = getattr(tokenizer, role, None), getattr(own, role, None)
+        if a is not None and b is not None and a != b:
+            raise UserError(f"{where}: the tokenizer {name} has {role}={a!r}, the target's own ({target_dir}) "
+                            f"{role}={b!r}: the loss mask and packing would cut turns at the wrong token")

@@ -188,11 +188,13 @@ class Trainer:
 
     def _setup_data(self) -> None:
         from specforge_mcore.data.prepare import load_tokenizer, prepare_data, summary
-        from specforge_mcore.data.tokenize import check_tokenizer_matches
+        from specforge_mcore.data.tokenize import check_same_tokenizer, check_tokenizer_matches
 
         cfg = self.cfg
         # Before any data work: a tokenizer that does not fit the target is an error, not garbage features.
-        check_tokenizer_matches(load_tokenizer(cfg), int(self.hf["vocab_size"]), f"{self.hf_dir}/config.json")
+        tokenizer = load_tokenizer(cfg)
+        check_tokenizer_matches(tokenizer, int(self.hf["vocab_size"]), f"{self.hf_dir}/config.json")
+        check_same_tokenizer(tokenizer, self.hf_dir, "target.tokenizer_dir")
         if self.is_main:  # one rank builds the cache; the others read it
             train, evaluation, bad = prepare_data(cfg)
             if not self.quiet:

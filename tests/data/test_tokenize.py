@@ -191,3 +191,36 @@ def test_tokenizer_vocab_must_match_the_target(smollm2_tokenizer):
         check_tokenizer_matches(smollm2_tokenizer, 32000, "cfg.yaml")
     with pytest.raises(UserError, match="different tokenizer"):
         check_tokenizer_matches(smollm2_tokenizer, 151936, "cfg.yaml")
+
+
+def _tokenizer_copy(src, dst, edit):
+    import json
+    import shutil
+
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    tree = json.loads((dst / "tokenizer.json").read_text())
+    edit(tree)
+    (dst / "tokenizer.json").write_text(json.dumps(tree))
+    return dst
+
+
+def test_a_tokenizer_with_the_same_size_but_other_ids_is_refused(smollm2_dir, smollm2_tokenizer, tmp_path):
+    import pathlib
+
+    from specforge_mcore.data.tokenize import check_same_tokenizer
+
+    src = pathlib.Path(smollm2_dir)
+    check_same_tokenizer(smollm2_tokenizer, str(src), "t")  # its own tokenizer
+
+    def swap(tree):  # two ordinary tokens trade ids: same size, same special tokens, other ids
+        vocab = tree["model"]["vocab"]
+        vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+
+    target = _tokenizer_copy(src, tmp_path / "target", swap)
+    assert len(smollm2_tokenizer) == len(__import__("transformers").AutoTokenizer.from_pretrained(str(target)))
+    with pytest.raises(UserError, match=r"2 token\(s\) to different ids .*'hello'"):
+        check_same_tokenizer(smollm2_tokenizer, str(target), "target.tokenizer_dir")
+    check_same_tokenizer(smollm2_tokenizer, str(tmp_path), "t")  # a directory without a tokenizer: nothing to compare
