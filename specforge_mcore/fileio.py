@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from specforge_mcore.errors import UserError
 
@@ -50,3 +51,30 @@ def replace_dir(tmp: str, out_dir: str) -> None:
     fsync_path(parent)
     if old is not None:
         shutil.rmtree(old)
+
+
+# Writers for checkpoints and exports. torch.save and safetensors' save_file report a full disk as a
+# RuntimeError ("unexpected pos ...") or a SafetensorError, not as OSError(ENOSPC); serialising to memory
+# first and writing the bytes with plain file I/O makes every failure to write an OSError that names errno.
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_torch(obj: Any, path: str) -> None:
+    """``torch.save`` (tensors and plain values: read back with ``weights_only=True``)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save
+
+    write_bytes(path, save(tensors, metadata=metadata))

@@ -70,7 +70,7 @@ class DraftVocab:
             raise UserError(f"{where}: t2d does not mark exactly the {vd} target ids that d2t maps to")
 
     def save(self, path: str, metadata: Optional[dict] = None) -> None:
-        from safetensors.torch import save_file
+        from specforge_mcore.fileio import save_safetensors
 
         self.validate(path)
         meta = {"format": VOCAB_FORMAT, "draft_vocab_size": str(self.draft_vocab_size),
@@ -79,7 +79,7 @@ class DraftVocab:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        save_file({"d2t": self.d2t.contiguous(), "t2d": self.t2d.contiguous()}, tmp, metadata=meta)
+        save_safetensors({"d2t": self.d2t.contiguous(), "t2d": self.t2d.contiguous()}, tmp, metadata=meta)
         os.replace(tmp, path)
 
     @classmethod

@@ -11,10 +11,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.errors import UserError
+from specforge_mcore.fileio import save_safetensors
 
 WEIGHTS = "draft.safetensors"
 ARCH = "draft_arch.json"
@@ -24,7 +25,7 @@ def save_draft(draft: Eagle3Draft, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in draft.trainable_state_dict().items()}
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file(tensors, os.path.join(directory, WEIGHTS))
+    save_safetensors(tensors, os.path.join(directory, WEIGHTS))
     with open(os.path.join(directory, ARCH), "w", encoding="utf-8") as fh:
         json.dump(draft.arch.to_dict(), fh, indent=2)
 

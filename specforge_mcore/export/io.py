@@ -21,13 +21,13 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from specforge_mcore.draft.io import load_draft
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import contract, sglang, speculators
-from specforge_mcore.fileio import fsync_path, read_json, replace_dir
+from specforge_mcore.fileio import fsync_path, read_json, replace_dir, save_safetensors
 
 FORMATS: dict[str, ModuleType] = {contract.SGLANG: sglang, contract.SPECULATORS: speculators}
 CONFIG = "config.json"
@@ -85,7 +85,7 @@ def write_export(draft: Eagle3Draft, out_dir: str, layout: str = contract.SGLANG
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a server may run as another user
-        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         _write_text(os.path.join(tmp, CONFIG), json.dumps(cfg, indent=2) + "\n")
         _write_text(os.path.join(tmp, README), fmt.readme(draft.arch, torch_dtype, target_path, out_dir, source))
         for name in (WEIGHTS, CONFIG, README):
@@ -94,6 +94,11 @@ def write_export(draft: Eagle3Draft, out_dir: str, layout: str = contract.SGLANG
         read_config, read_tensors = _read(tmp)
         contract.validate(read_tensors, read_config, draft.arch, layout, torch_dtype, where=f"export to {out_dir}")
         replace_dir(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"; the existing {out_dir} is untouched" if os.path.isdir(out_dir) else ""
+        raise UserError(f"writing the export to {out_dir} failed: {exc.strerror or exc} "
+                        f"({exc.filename or parent}){kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

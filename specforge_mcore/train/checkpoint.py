@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
-from specforge_mcore.fileio import fsync_path
+from specforge_mcore.fileio import fsync_path, save_torch
 from specforge_mcore.train import faults
 
 COMPLETE = "COMPLETE"
@@ -93,8 +93,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
     _agree(error, f"cannot create checkpoint directory {tmp}")
     try:
         path = os.path.join(tmp, "rng", f"rank_{rank:05d}.pt")
-        torch.save(rng_state(), path)
-        fsync_path(path)
+        save_torch(rng_state(), path)
         if rank == 0:
             write_rank0(tmp)
             faults.in_save(step, rank)
@@ -105,7 +104,12 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
                     fsync_path(os.path.join(tmp, name))
     except OSError as exc:
         error = exc
-    _agree(error, f"writing checkpoint step_{step} failed")
+    try:
+        _agree(error, f"writing checkpoint step_{step} failed")
+    except CheckpointWriteError:
+        if rank == 0:  # give the space back: a partial checkpoint is never taken anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         try:
             with open(os.path.join(tmp, COMPLETE), "w") as fh:

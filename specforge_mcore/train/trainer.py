@@ -455,12 +455,13 @@ class Trainer:
     def save(self) -> str:
         from specforge_mcore.data.vocab import DraftVocab
         from specforge_mcore.draft.io import save_draft
+        from specforge_mcore.fileio import save_torch
         from specforge_mcore.train.checkpoint import save_checkpoint
 
         def write(directory: str) -> None:
             save_draft(self.draft, directory)
             DraftVocab(self.draft.d2t.cpu(), self.draft.t2d.cpu()).save(os.path.join(directory, "vocab.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        os.path.join(directory, "optimizer.pt"))
             cfg = dict(config_to_dict(self.cfg))
             cfg["target"] = dict(cfg["target"], hf_dir=self.hf_dir)

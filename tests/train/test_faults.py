@@ -210,3 +210,77 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resume_finishes(tmp_path):
     assert list_checkpoints(str(out))[-1][0] == 40
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
     assert logged == list(range(1, 41)), "every step logged exactly once across the stop and the resume"
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real size-limited filesystem (tmpfs; root can mount one here and in CI): writes past its size fail
+    with a genuine ENOSPC from the kernel, not from a fault hook."""
+    mounted = []
+
+    def mount(size_bytes: int):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _tree_bytes(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+@pytest.mark.slow
+def test_real_disk_full_while_saving_then_resume_elsewhere_is_bitwise(tmp_path, small_filesystem):
+    import shutil
+
+    args = [*COMMON, "train.max_steps=4", "train.save_every=1", "data.max_length=64", "draft.ttt_steps=2"]
+    straight = tmp_path / "straight"
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(straight), *args], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = _tree_bytes(os.path.join(straight, "checkpoints", "step_1"))
+    # Room for the run's own files and one checkpoint and a half: the second save hits the real ENOSPC.
+    fs = small_filesystem(int(1.5 * checkpoint) + _tree_bytes(straight) - 4 * checkpoint + 256 * 1024)
+    out = fs / "run"
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(out), *args], timeout=600)
+    assert_one_clean_error(proc, "No space left on device")
+    assert f"Last good checkpoint: {out / 'checkpoints' / 'step_1'}" in proc.stderr
+    assert [step for step, _ in list_checkpoints(str(out))] == [1], "the partial checkpoint is never taken"
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".tmp-")], "the partial one is removed"
+    # The last good checkpoint is whole: moved to a disk with room, --resume ends bitwise equal.
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns(".tmp-*"))
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(moved), *args, "--resume"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = final_weights(straight), final_weights(moved)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), f"{key} differs after a real ENOSPC and resume"
+
+
+@pytest.mark.slow
+def test_real_disk_full_during_export_keeps_the_previous_export(tmp_path, small_filesystem):
+    out = tmp_path / "run"
+    proc = cli(["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, "train.max_steps=1",
+                "data.max_length=64", "draft.ttt_steps=1"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = tmp_path / "export-probe"
+    proc = cli(["export", "--checkpoint", str(out), "--out", str(first)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size = _tree_bytes(first)
+    fs = small_filesystem(int(1.5 * size))  # room for one export, not for a second beside it
+    target = fs / "export"
+    proc = cli(["export", "--checkpoint", str(out), "--out", str(target)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+    proc = cli(["export", "--checkpoint", str(out), "--out", str(target), "--overwrite"], timeout=300)
+    assert_one_clean_error(proc, "No space left on device")
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before, "previous export changed"
+    assert sorted(os.listdir(fs)) == ["export"], "the partial export is removed"
