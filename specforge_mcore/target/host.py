@@ -121,6 +121,21 @@ class TargetHost:
             if layer_id in self.capture_layer_ids:
                 self._hooks.append(layer.register_forward_hook(self._capture_hook(layer_id)))
 
+    # ---- what the draft reads from the target besides the features ---------------------------
+    def draft_inputs(self, draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token embedding ``[V, H]`` (in the target's dtype, as the target embeds) and the output-layer
+        rows of the draft vocabulary ``[Vd, H]`` (fp32, as stored; they seed the draft head and form the
+        teacher). Read from the checkpoint, so every rank has them whatever pipeline stage it holds; the
+        caller casts them once, by the dtype policy."""
+        reader = SafetensorsReader(self.hf_dir)
+        try:
+            embedding = reader.read(self.stage.family.hf_key("embed")).to(self.dtype)
+            head_key = self.stage.family.lm_head_key(self.hf)
+            rows = torch.stack([reader.read(head_key, rows=(i, i + 1))[0] for i in draft_ids.tolist()]).float()
+        finally:
+            reader.close()
+        return embedding, rows
+
     # ---- stage facts --------------------------------------------------------------------------
     @property
     def is_first_stage(self) -> bool:

@@ -240,7 +240,6 @@ class Trainer:
         from specforge_mcore.draft.attention import select_attention_backend
         from specforge_mcore.draft.io import load_draft
         from specforge_mcore.draft.model import DraftArch, Eagle3Draft
-        from specforge_mcore.target.load import SafetensorsReader
 
         cfg = self.cfg
         vocab = self._load_or_build_vocab()
@@ -254,15 +253,9 @@ class Trainer:
             draft = Eagle3Draft(arch)
             draft.set_vocab(vocab.d2t, vocab.t2d)
         # The draft shares the target's token embedding; the teacher needs the target's output rows of
-        # the draft vocabulary. Both are read straight from the checkpoint and cast once, to the draft's
-        # compute dtype (the dtype policy's boundary), below.
-        reader = SafetensorsReader(self.hf_dir)
-        family = self.host.stage.family
-        embedding = reader.read(family.hf_key("embed")).to(self.precision.target)
-        draft_ids = (draft.d2t + torch.arange(draft.arch.draft_vocab_size)).tolist()
-        head_key = family.lm_head_key(self.hf)
-        self.teacher_weight = torch.stack([reader.read(head_key, rows=(i, i + 1))[0] for i in draft_ids]).float()
-        reader.close()
+        # the draft vocabulary. The host provides both; they are cast once, to the draft's compute dtype
+        # (the dtype policy's boundary), below.
+        embedding, self.teacher_weight = self.host.draft_inputs(draft.d2t + torch.arange(draft.arch.draft_vocab_size))
         if cfg.draft.init_from is None:
             # Start the draft head at the target's rows for the draft vocabulary: the draft's final hidden
             # imitates the target's, so these are good logits from step 0.
