@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -78,3 +79,57 @@ def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) 
     from safetensors.torch import save
 
     write_bytes(path, save(tensors, metadata=metadata))
+
+
+# A manifest of a directory's files (size and SHA-256 of each), written last before a directory is
+# declared complete and checked before it is read: a truncated or altered file under a completion marker
+# (a copy cut short, a disk that lost a block) is named instead of being loaded as garbage.
+MANIFEST = "MANIFEST.json"
+COMPLETE = "COMPLETE"  # the marker a checkpoint directory gets last, after its manifest
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != MANIFEST:
+                found.append(rel)
+    return sorted(found)
+
+
+def write_manifest(directory: str, exclude: tuple[str, ...] = ()) -> None:
+    entries = {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": _sha256(os.path.join(directory, rel))}
+               for rel in _files(directory) if rel not in exclude}
+    write_bytes(os.path.join(directory, MANIFEST), (json.dumps({"files": entries}, indent=1) + "\n").encode())
+
+
+def verify_manifest(directory: str, what: str, exclude: tuple[str, ...] = ()) -> bool:
+    """Check every file against ``MANIFEST.json``; False when the directory has none (written by an older
+    version), UserError naming the first file that is missing, extra, truncated or changed."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    entries = read_json(path, f"{path}: missing")["files"]
+    present = {rel for rel in _files(directory) if rel not in exclude}
+    for rel in sorted(set(entries) - present):
+        raise UserError(f"{what} {directory}: {rel} is listed in {MANIFEST} but missing")
+    for rel in sorted(present - set(entries)):
+        raise UserError(f"{what} {directory}: {rel} is not in {MANIFEST} (added after the directory was completed)")
+    for rel in sorted(entries):
+        want = entries[rel]
+        size = os.path.getsize(os.path.join(directory, rel))
+        if size != want["bytes"]:
+            raise UserError(f"{what} {directory}: {rel} has {size} bytes, {MANIFEST} says {want['bytes']} "
+                            "(truncated or replaced)")
+        if _sha256(os.path.join(directory, rel)) != want["sha256"]:
+            raise UserError(f"{what} {directory}: {rel} does not match its SHA-256 in {MANIFEST} (corrupted)")
+    return True

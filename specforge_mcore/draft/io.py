@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.errors import UserError
-from specforge_mcore.fileio import save_safetensors
+from specforge_mcore.fileio import COMPLETE, save_safetensors, verify_manifest
 
 WEIGHTS = "draft.safetensors"
 ARCH = "draft_arch.json"
@@ -48,6 +48,7 @@ def load_draft(directory: str, map_location: str | torch.device = "cpu") -> Eagl
     path = os.path.join(directory, WEIGHTS)
     if not os.path.isfile(path):
         raise UserError(f"{directory}: no {WEIGHTS}")
+    verify_manifest(directory, "draft checkpoint", exclude=(COMPLETE,))  # a training checkpoint has one
     state = load_file(path, device=str(map_location))
     expected = draft.trainable_state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

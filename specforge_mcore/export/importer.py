@@ -40,8 +40,7 @@ import torch
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.export import sglang, speculators
-from specforge_mcore.fileio import fsync_path, read_json, replace_dir
-from specforge_mcore.train.checkpoint import COMPLETE
+from specforge_mcore.fileio import COMPLETE, fsync_path, read_json, replace_dir, write_manifest
 
 FORMATS = ("sglang", "modelopt", "speculators")
 _EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
@@ -296,6 +295,7 @@ def import_draft(source: str, out_dir: str, layout: str = "auto", target: Option
             json.dump(state, fh, indent=2)
         for name in os.listdir(tmp):
             fsync_path(os.path.join(tmp, name))
+        write_manifest(tmp)
         with open(os.path.join(tmp, COMPLETE), "w") as fh:  # written last: a checkpoint only once whole
             fh.write("0\n")
             fh.flush()

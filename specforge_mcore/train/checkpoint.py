@@ -10,7 +10,10 @@
 * ``rng/rank_XXXXX.pt``: each rank's RNG states,
 * ``trainer_state.json``: step, data position, world size and layout it was written with, the target it
   trains against (to refuse a checkpoint made for another target), the non-finite counter,
-* ``config.yaml``: the run config, and ``COMPLETE``, written last.
+* ``config.yaml``: the run config,
+* ``MANIFEST.json``: size and SHA-256 of every file above, checked before a checkpoint is read (resume,
+  export, ``draft.init_from``): a truncated or corrupted file is named, never loaded,
+* and ``COMPLETE``, written last.
 
 Writing goes to ``OUT/checkpoints/.tmp-step_N``, every file fsynced, then one ``rename`` makes it
 ``step_N``: a reader never sees a partial checkpoint, and a crash mid-save leaves the previous one
@@ -31,10 +34,9 @@ import torch.distributed as dist
 
 from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
-from specforge_mcore.fileio import fsync_path, save_torch
+from specforge_mcore.fileio import COMPLETE, fsync_path, save_torch, verify_manifest, write_manifest
 from specforge_mcore.train import faults
 
-COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -112,6 +114,7 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
         raise
     if rank == 0:
         try:
+            write_manifest(tmp)
             with open(os.path.join(tmp, COMPLETE), "w") as fh:
                 fh.write(f"{step}\n")
                 fh.flush()
@@ -149,6 +152,11 @@ def read_trainer_state(path: str) -> dict:
                         "being written; resume from an earlier one")
     with open(file, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def verify_checkpoint(path: str) -> None:
+    """Every file against the checkpoint's manifest (older checkpoints without one pass unchecked)."""
+    verify_manifest(path, "checkpoint", exclude=(COMPLETE,))
 
 
 def load_rng(path: str, rank: int) -> Optional[dict]:

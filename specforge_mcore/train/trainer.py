@@ -474,14 +474,22 @@ class Trainer:
     def _resume(self) -> None:
         from safetensors.torch import load_file
 
+        from specforge_mcore.parallel import raise_together
         from specforge_mcore.train.checkpoint import (latest_checkpoint, load_plain, load_rng, read_trainer_state,
-                                                      set_rng_state)
+                                                      set_rng_state, verify_checkpoint)
 
         path = latest_checkpoint(self.out_dir)
         if path is None:
             if self.is_main and not self.quiet:
                 print(f"resume: no complete checkpoint under {self.out_dir}/checkpoints; starting fresh", flush=True)
             return
+        error = None
+        if self.is_main:  # one rank reads every byte against the manifest, not every rank
+            try:
+                verify_checkpoint(path)
+            except UserError as exc:
+                error = exc
+        raise_together(error)
         state = read_trainer_state(path)
         check_target_identity(state.get("target", {}), self.hf, path)
         if state["global_batch_size"] != self.plan.global_batch:

@@ -89,7 +89,7 @@ def test_import_then_export_gives_back_the_same_tensors(layout, dtype, llama_tar
     assert result.layout == layout
     assert result.arch.capture_layer_ids == [1, 3, 5]  # speculators' [2, 4, 6] converted back
     ckpt = str(tmp_path / "ckpt")
-    assert sorted(os.listdir(ckpt)) == ["COMPLETE", "config.yaml", "draft.safetensors", "draft_arch.json",
+    assert sorted(os.listdir(ckpt)) == ["COMPLETE", "MANIFEST.json", "config.yaml", "draft.safetensors", "draft_arch.json",
                                         "trainer_state.json", "vocab.safetensors"]
     state = read_trainer_state(ckpt)
     assert state["step"] == 0 and state["format"] == layout and state["imported_from"] == os.path.abspath(source)

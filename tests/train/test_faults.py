@@ -284,3 +284,29 @@ def test_real_disk_full_during_export_keeps_the_previous_export(tmp_path, small_
     assert_one_clean_error(proc, "No space left on device")
     assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before, "previous export changed"
     assert sorted(os.listdir(fs)) == ["export"], "the partial export is removed"
+
+
+@pytest.mark.slow
+def test_truncated_or_corrupted_checkpoint_file_under_complete_is_named(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, "train.max_steps=2",
+            "train.save_every=2", "data.max_length=64", "draft.ttt_steps=1"]
+    proc = cli(args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step_2 = out / "checkpoints" / "step_2"
+    assert (step_2 / "COMPLETE").exists() and (step_2 / "MANIFEST.json").exists()
+    weights = step_2 / "draft.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 2])  # a copy cut short
+    proc = cli(args + ["train.max_steps=3", "--resume"], timeout=600)
+    assert_one_clean_error(proc, f"draft.safetensors has {len(original) // 2} bytes, MANIFEST.json says {len(original)}")
+    proc = cli(["export", "--checkpoint", str(out), "--out", str(tmp_path / "export")], timeout=300)
+    assert_one_clean_error(proc, "truncated or replaced")
+    flipped = bytearray(original)
+    flipped[-1] ^= 0x01  # one bit in the last tensor's data: same size
+    weights.write_bytes(bytes(flipped))
+    proc = cli(args + ["train.max_steps=3", "--resume"], timeout=600)
+    assert_one_clean_error(proc, "draft.safetensors does not match its SHA-256")
+    weights.write_bytes(original)
+    proc = cli(args + ["train.max_steps=3", "--resume"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,7 +38,7 @@ def test_resume_continues_bitwise(tmp_path):
     state = json.load(open(tmp_path / "resumed" / "checkpoints" / "step_4" / "trainer_state.json"))
     assert state["step"] == 4 and state["rows_consumed"] == 4 * state["global_batch_size"]
     ckpt = tmp_path / "resumed" / "checkpoints" / "step_2"
-    assert sorted(os.listdir(ckpt)) == sorted(["COMPLETE", "config.yaml", "draft.safetensors", "draft_arch.json",
+    assert sorted(os.listdir(ckpt)) == sorted(["COMPLETE", "MANIFEST.json", "config.yaml", "draft.safetensors", "draft_arch.json",
                                                "optimizer.pt", "rng", "trainer_state.json", "vocab.safetensors"])
 
 
