@@ -48,6 +48,9 @@ class Layout:
         return "×".join(parts)
 
 
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
 def read_hf_config(hf_dir: str) -> dict:
     hf = read_json(os.path.join(hf_dir, "config.json"),
                    f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
@@ -57,6 +60,15 @@ def read_hf_config(hf_dir: str) -> dict:
         hf = dict(hf["text_config"], architectures=hf.get("architectures"))
         if outer.get("quantization_config") and "quantization_config" not in hf:
             hf["quantization_config"] = outer["quantization_config"]  # it describes the tensors of the whole file
+    if not isinstance(hf, dict):
+        raise UserError(f"{hf_dir}/config.json: expected a JSON object, got {type(hf).__name__}")
+    missing = [key for key in REQUIRED_HF_FIELDS if key not in hf]
+    if missing:
+        raise UserError(f"{hf_dir}/config.json: missing {', '.join(missing)} (every decoder config has "
+                        f"{', '.join(REQUIRED_HF_FIELDS)}; is this the model's own config.json?)")
+    wrong = [f"{key}={hf[key]!r}" for key in REQUIRED_HF_FIELDS if not isinstance(hf[key], int) or hf[key] <= 0]
+    if wrong:
+        raise UserError(f"{hf_dir}/config.json: {', '.join(wrong)}: expected positive integers")
     return hf
 
 

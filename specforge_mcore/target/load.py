@@ -35,6 +35,18 @@ from specforge_mcore.target import fp8
 from specforge_mcore.target.build import StageModel
 
 
+def open_safetensors(path: str):
+    """``safe_open`` with a damaged file (truncated, not safetensors, a bad header) reported as one line naming
+    it: safetensors checks that the header's offsets cover the file, so a shard cut short fails here."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"{path}: not a readable safetensors file ({exc}): truncated or corrupted? "
+                        f"{os.path.getsize(path)} bytes on disk") from None
+
+
 class SafetensorsReader:
     """Lazy, slice-wise access to the tensors of an HF checkpoint (single file or sharded + index)."""
 
@@ -57,7 +69,7 @@ class SafetensorsReader:
                 raise UserError(f"{hf_dir}: no *.safetensors weights (and no model.safetensors.index.json)")
             for file in files:
                 path = os.path.join(hf_dir, file)
-                with safe_open(path, framework="pt") as handle:
+                with open_safetensors(path) as handle:
                     for key in handle.keys():
                         self.key_to_file[key] = path
         self._handles: dict[str, object] = {}
@@ -72,7 +84,7 @@ class SafetensorsReader:
                             f"({len(self.key_to_file)} tensors in it)")
         path = self.key_to_file[key]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            self._handles[path] = open_safetensors(path)
         return self._handles[path]
 
     def has(self, key: str) -> bool:

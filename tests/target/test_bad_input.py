@@ -89,3 +89,41 @@ def test_weights_that_do_not_match_config(tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SpawnError, match=r"weights for embedding.word_embeddings.weight have shape \[512, 32\] on this rank, expected \[512, 64\]"):
         spawn(layout_worker, 1, str(dst), [Layout()], [random_inputs(512, seed=0)])
+
+
+def _copy_of(family, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(random_target(family), target)
+    return target
+
+
+def test_truncated_weight_shard_is_named(tmp_path):
+    target = _copy_of("llama", tmp_path)
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])  # the tail of the last tensor is gone
+    with pytest.raises(UserError, match=rf"{weights}: not a readable safetensors file .*file not fully covered"):
+        SafetensorsReader(str(target))
+    weights.write_bytes(b"\x00" * 64)  # not safetensors at all
+    with pytest.raises(UserError, match=rf"{weights}: not a readable safetensors file"):
+        SafetensorsReader(str(target))
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda c: c.pop("num_hidden_layers"), r"config.json: missing num_hidden_layers"),
+    (lambda c: c.update(hidden_size="64"), r"config.json: hidden_size='64': expected positive integers"),
+])
+def test_config_json_with_missing_or_wrong_fields(tmp_path, edit, pattern):
+    target = _copy_of("llama", tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=pattern):
+        read_hf_config(str(target))
+
+
+def test_config_json_that_is_not_json(tmp_path):
+    target = _copy_of("llama", tmp_path)
+    (target / "config.json").write_text('{"hidden_size": 64')
+    with pytest.raises(UserError, match=r"config.json: not valid JSON"):
+        read_hf_config(str(target))
