@@ -133,3 +133,17 @@ def verify_manifest(directory: str, what: str, exclude: tuple[str, ...] = ()) ->
         if _sha256(os.path.join(directory, rel)) != want["sha256"]:
             raise UserError(f"{what} {directory}: {rel} does not match its SHA-256 in {MANIFEST} (corrupted)")
     return True
+
+
+def open_safetensors(path: str):
+    """``safe_open`` with a damaged file (truncated, not safetensors, a bad header) reported as one line naming
+    it: safetensors checks that the header's offsets cover the file, so a shard cut short fails here."""
+    try:
+        from safetensors import safe_open
+
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"{path}: not a readable safetensors file ({exc}): truncated or corrupted? "
+                        f"{os.path.getsize(path)} bytes on disk") from None

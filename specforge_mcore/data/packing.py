@@ -47,28 +47,25 @@ class PackedData:
                 "position_ids": self.position_ids[i], "document_ids": self.document_ids[i]}
 
     def save(self, path: str) -> None:
-        from safetensors.torch import save_file
+        from specforge_mcore.fileio import save_safetensors
 
         # int32 on disk halves the file; ids and positions fit easily.
         tensors = {"input_ids": self.input_ids.to(torch.int32), "assistant_mask": self.assistant_mask,
                    "position_ids": self.position_ids.to(torch.int32), "document_ids": self.document_ids,
                    "row_lengths": self.row_lengths}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path,
-                  metadata={"format": PACKED_FORMAT, "stats": json.dumps(self.stats)})
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path,
+                         metadata={"format": PACKED_FORMAT, "stats": json.dumps(self.stats)})
 
     @classmethod
     def load(cls, path: str) -> "PackedData":
-        from safetensors import safe_open
+        from specforge_mcore.fileio import open_safetensors
 
-        try:
-            with safe_open(path, framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                if metadata.get("format") != PACKED_FORMAT:
-                    raise UserError(f"{path}: not packed data of format {PACKED_FORMAT} "
-                                    f"(format {metadata.get('format')!r})")
-                t = {name: fh.get_tensor(name) for name in fh.keys()}
-        except (OSError, ValueError) as exc:  # safetensors reports a damaged file as either
-            raise UserError(f"{path}: cannot read packed data: {exc}") from None
+        with open_safetensors(path) as fh:
+            metadata = fh.metadata() or {}
+            if metadata.get("format") != PACKED_FORMAT:
+                raise UserError(f"{path}: not packed data of format {PACKED_FORMAT} "
+                                f"(format {metadata.get('format')!r})")
+            t = {name: fh.get_tensor(name) for name in fh.keys()}
         return cls(t["input_ids"].long(), t["assistant_mask"], t["position_ids"].long(), t["document_ids"],
                    t["row_lengths"], json.loads(metadata.get("stats", "{}")))
 

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from typing import Optional
@@ -33,6 +34,7 @@ from specforge_mcore.data.conversations import BadSamples, Conversation, SampleR
 from specforge_mcore.data.packing import PackedData, pack
 from specforge_mcore.data.tokenize import check_tokenizer_matches, pad_token_id, tokenize_conversations
 from specforge_mcore.errors import UserError
+from specforge_mcore.fileio import read_json, verify_manifest, write_manifest
 
 DATA_FORMAT_VERSION = 1
 _SMALL_FILE = 16 << 20  # files up to this size are identified by content, larger ones by size + mtime
@@ -222,16 +224,19 @@ def _prepare(cfg: RunConfig, force: bool):
     key, identity = cache_key(cfg, tokenizer)
     entry = os.path.join(cache_root(cfg), key)
     if not force and os.path.isfile(os.path.join(entry, _COMPLETE)):
-        with open(os.path.join(entry, _COMPLETE), encoding="utf-8") as fh:
-            meta = json.load(fh)
-        bad = BadSamples.from_dict(meta["bad_samples"])
-        if cfg.data.on_bad_sample == "error" and bad.counts:
-            # The entry was built skipping bad samples; the stricter policy still stops at the first.
-            reason = next(iter(bad.counts))
-            raise SampleRejected(reason, *bad.first[reason])
-        bad.policy = cfg.data.on_bad_sample
-        return (PackedData.load(os.path.join(entry, "train.safetensors")),
-                PackedData.load(os.path.join(entry, "eval.safetensors")), bad, entry, True)
+        try:
+            train, evaluation, bad = _load_entry(entry)
+        except UserError as exc:
+            # The cache is derived data: a damaged entry (a file cut short, a flipped bit) is rebuilt.
+            print(f"warning: data cache {entry} is damaged and is rebuilt: {exc}", file=sys.stderr, flush=True)
+            force = True
+        else:
+            if cfg.data.on_bad_sample == "error" and bad.counts:
+                # The entry was built skipping bad samples; the stricter policy still stops at the first.
+                reason = next(iter(bad.counts))
+                raise SampleRejected(reason, *bad.first[reason])
+            bad.policy = cfg.data.on_bad_sample
+            return train, evaluation, bad, entry, True
 
     start = time.perf_counter()
     train, evaluation, bad = _build(cfg, tokenizer)
@@ -242,6 +247,7 @@ def _prepare(cfg: RunConfig, force: bool):
         evaluation.save(os.path.join(tmp, "eval.safetensors"))
         meta = {"key": key, "identity": identity, "bad_samples": bad.to_dict(),
                 "train": train.stats, "eval": evaluation.stats, "seconds": time.perf_counter() - start}
+        write_manifest(tmp)
         with open(os.path.join(tmp, _COMPLETE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1)
         if os.path.isdir(entry) and (force or not os.path.isfile(os.path.join(entry, _COMPLETE))):
@@ -256,6 +262,14 @@ def _prepare(cfg: RunConfig, force: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return train, evaluation, bad, entry, False
+
+
+def _load_entry(entry: str):
+    """A complete cache entry, checked against its manifest (entries written before manifests existed pass)."""
+    meta = read_json(os.path.join(entry, _COMPLETE), f"{entry}: no {_COMPLETE}")
+    verify_manifest(entry, "data cache", exclude=(_COMPLETE,))
+    return (PackedData.load(os.path.join(entry, "train.safetensors")),
+            PackedData.load(os.path.join(entry, "eval.safetensors")), BadSamples.from_dict(meta["bad_samples"]))
 
 
 def summary(train: PackedData, evaluation: PackedData, bad: BadSamples) -> str:

@@ -28,23 +28,11 @@ import re
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 
 from specforge_mcore.errors import UserError
+from specforge_mcore.fileio import open_safetensors
 from specforge_mcore.target import fp8
 from specforge_mcore.target.build import StageModel
-
-
-def open_safetensors(path: str):
-    """``safe_open`` with a damaged file (truncated, not safetensors, a bad header) reported as one line naming
-    it: safetensors checks that the header's offsets cover the file, so a shard cut short fails here."""
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as exc:  # SafetensorError derives from Exception only
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        raise UserError(f"{path}: not a readable safetensors file ({exc}): truncated or corrupted? "
-                        f"{os.path.getsize(path)} bytes on disk") from None
 
 
 class SafetensorsReader:

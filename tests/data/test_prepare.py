@@ -132,3 +132,27 @@ def test_prepare_data_and_build_vocab_commands(smollm2_dir, tmp_path, capsys):
     vocab = DraftVocab.load(str(tmp_path / "run" / "vocab.safetensors"), target_vocab_size=49152)
     train = prepare_data(tiny(smollm2_dir, tmp_path))[0]
     assert vocab.t2d[train.input_ids[train.assistant_mask]].all()  # every assistant token is covered
+
+
+def test_a_damaged_cache_entry_is_detected_and_rebuilt(smollm2_dir, tmp_path, capsys):
+    cfg = tiny(smollm2_dir, tmp_path)
+    train, evaluation, _ = prepare_data(cfg)
+    (entry,) = entries(cfg)
+    path = os.path.join(cache_root(cfg), entry, "train.safetensors")
+    data = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    again, _, _ = prepare_data(cfg)
+    err = capsys.readouterr().err
+    assert "data cache" in err and "is rebuilt" in err and "truncated or replaced" in err, err
+    assert torch.equal(again.input_ids, train.input_ids) and torch.equal(again.assistant_mask, train.assistant_mask)
+    prepare_data(cfg)
+    assert capsys.readouterr().err == "", "the rebuilt entry is whole again"
+    data = open(path, "rb").read()
+    flipped = bytearray(data)
+    flipped[-1] ^= 1  # same size, one bit: only the checksum sees it
+    with open(path, "wb") as fh:
+        fh.write(bytes(flipped))
+    rebuilt, _, _ = prepare_data(cfg)
+    assert "does not match its SHA-256" in capsys.readouterr().err
+    assert torch.equal(rebuilt.input_ids, train.input_ids)
