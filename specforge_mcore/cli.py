@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"specforge-mcore {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # Intermixed: `train --config X --resume key=value` (overrides after a flag) must parse as the README
+    # shows; a command that forwards its remaining arguments (bench) cannot be parsed that way.
+    has_remainder = any(action.nargs == argparse.REMAINDER for action in parser._actions)
+    args = parser.parse_args(rest) if has_remainder else parser.parse_intermixed_args(rest)
     from specforge_mcore.errors import UserError
 
     try:

@@ -310,3 +310,37 @@ def test_truncated_or_corrupted_checkpoint_file_under_complete_is_named(tmp_path
     weights.write_bytes(original)
     proc = cli(args + ["train.max_steps=3", "--resume"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_resume_across_layouts_and_a_growing_world(tmp_path):
+    """1 rank -> TP2+SP on 2 ranks -> PP2xEP2 on 4 ranks: the same run continues (the draft and AdamW state
+    are replicated, the data position is global), ending where an uninterrupted single process ends."""
+    args = ["train.max_steps=6", "train.save_every=2", "train.global_batch_size=4", "data.max_length=64",
+            "draft.ttt_steps=2"]
+    straight = reference_run(1, tmp_path / "straight", *args)
+    moved = tmp_path / "moved"
+    reference_run(1, moved, "train.exit_after_step=2", *args)
+    second = reference_run(2, moved, "train.resume=true", "train.exit_after_step=4", "target.tp=2", "target.sp=true",
+                           *args)
+    third = reference_run(4, moved, "train.resume=true", "target.pp=2", "target.ep=2", *args)
+    assert [r["step"] for r in second["history"] if "loss" in r] == [3, 4]
+    assert [r["step"] for r in third["history"] if "loss" in r] == [5, 6]
+    assert [step for step, _ in logged_rows(moved)] == [1, 2, 3, 4, 5, 6]
+    assert logged_rows(moved) == logged_rows(tmp_path / "straight"), "every step saw the same rows"
+    for key, value in straight["weights"].items():
+        torch.testing.assert_close(third["weights"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_global_batch_or_target_is_refused(tmp_path):
+    """Also the README's command line: overrides after --resume."""
+    out = tmp_path / "run"
+    reference_run(1, out, "train.max_steps=1", "train.save_every=1", "data.max_length=64", "draft.ttt_steps=1")
+    base = ["train", "--config", "configs/tiny.yaml", "--out", str(out), "data.max_length=64", "draft.ttt_steps=1",
+            "train.max_steps=2", "--resume"]
+    proc = cli(base + ["train.global_batch_size=4"], timeout=300)
+    assert_one_clean_error(proc, "was trained with global_batch_size=2; resuming with 4 would change the data order")
+    proc = cli(base + ["target.random.hf_config.num_hidden_layers=10"], timeout=300)
+    assert_one_clean_error(proc, "was trained against a target with num_hidden_layers=8, but this target has "
+                                 "num_hidden_layers=10")
+
