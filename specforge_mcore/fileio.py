@@ -88,7 +88,7 @@ MANIFEST = "MANIFEST.json"
 COMPLETE = "COMPLETE"  # the marker a checkpoint directory gets last, after its manifest
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
@@ -107,7 +107,7 @@ def _files(directory: str) -> list[str]:
 
 
 def write_manifest(directory: str, exclude: tuple[str, ...] = ()) -> None:
-    entries = {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": _sha256(os.path.join(directory, rel))}
+    entries = {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": sha256_file(os.path.join(directory, rel))}
                for rel in _files(directory) if rel not in exclude}
     write_bytes(os.path.join(directory, MANIFEST), (json.dumps({"files": entries}, indent=1) + "\n").encode())
 
@@ -130,7 +130,7 @@ def verify_manifest(directory: str, what: str, exclude: tuple[str, ...] = ()) ->
         if size != want["bytes"]:
             raise UserError(f"{what} {directory}: {rel} has {size} bytes, {MANIFEST} says {want['bytes']} "
                             "(truncated or replaced)")
-        if _sha256(os.path.join(directory, rel)) != want["sha256"]:
+        if sha256_file(os.path.join(directory, rel)) != want["sha256"]:
             raise UserError(f"{what} {directory}: {rel} does not match its SHA-256 in {MANIFEST} (corrupted)")
     return True
 

@@ -34,7 +34,7 @@ from specforge_mcore.data.conversations import BadSamples, Conversation, SampleR
 from specforge_mcore.data.packing import PackedData, pack
 from specforge_mcore.data.tokenize import check_tokenizer_matches, pad_token_id, tokenize_conversations
 from specforge_mcore.errors import UserError
-from specforge_mcore.fileio import read_json, verify_manifest, write_manifest
+from specforge_mcore.fileio import read_json, sha256_file, verify_manifest, write_manifest
 
 DATA_FORMAT_VERSION = 1
 _SMALL_FILE = 16 << 20  # files up to this size are identified by content, larger ones by size + mtime
@@ -88,14 +88,6 @@ def target_vocab_size(cfg: RunConfig) -> Optional[int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_identity(path: str) -> dict:
     if path.startswith("sharegpt"):
         from specforge_mcore.data.sources import source_identity
@@ -105,7 +97,7 @@ def _file_identity(path: str) -> dict:
         raise UserError(f"data file {path} does not exist")
     stat = os.stat(path)
     if stat.st_size <= _SMALL_FILE:
-        return {"path": os.path.abspath(path), "sha256": _sha256_file(path)}
+        return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
     return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
@@ -114,7 +106,7 @@ def _tokenizer_identity(cfg: RunConfig, tokenizer) -> dict:
     files = {}
     for name in sorted(os.listdir(folder)):
         if name.startswith(_TOKENIZER_FILE_PREFIXES) or name.endswith((".model", ".tiktoken")):
-            files[name] = _sha256_file(os.path.join(folder, name))
+            files[name] = sha256_file(os.path.join(folder, name))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return {"files": files, "chat_template": template, "size": len(tokenizer), "pad_id": pad_token_id(tokenizer)}
 
