@@ -3,6 +3,10 @@
 Off unless ``SPECFORGE_MCORE_FAULT`` is set; a comma-separated list of
 
 * ``kill:STEP:RANK``     SIGKILL rank RANK right after optimizer step STEP (first attempt only),
+* ``kill_in:PHASE:STEP:RANK``  SIGKILL rank RANK as it enters PHASE of optimizer step STEP (first attempt
+  only): ``target_forward``, ``feature_transport``, ``draft_backward`` or ``grad_reduce``. Its peers are
+  then blocked inside that phase's collectives (pipeline P2P, TP/EP exchanges, the feature scatter, the
+  gradient all-reduce) when the rank dies,
 * ``kill_in_save:STEP``  SIGKILL rank 0 in the middle of writing checkpoint step_STEP (first attempt only),
 * ``enospc_in_save:STEP``  the checkpoint write of step_STEP fails with "No space left on device",
 * ``nan:STEP:RANK``      rank RANK's loss becomes NaN at optimizer step STEP (1-based, every attempt).
@@ -35,6 +39,14 @@ def _matches(value: str, actual: int) -> bool:
 def after_step(step: int, rank: int) -> None:
     for fault in _faults():
         if fault[0] == "kill" and _first_attempt() and _matches(fault[1], step) and int(fault[2]) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def in_phase(phase: str, step: int, rank: int) -> None:
+    """Called by the trainer as each rank enters ``phase`` of optimizer step ``step`` (1-based)."""
+    for fault in _faults():
+        if (fault[0] == "kill_in" and fault[1] == phase and _first_attempt() and _matches(fault[2], step)
+                and int(fault[3]) == rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

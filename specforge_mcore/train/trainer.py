@@ -36,6 +36,7 @@ from specforge_mcore import collectives, platform
 from specforge_mcore.config import RunConfig, config_to_dict, save_config
 from specforge_mcore.errors import UserError
 from specforge_mcore.precision import DtypePolicy
+from specforge_mcore.train import faults
 
 log = logging.getLogger("specforge_mcore.train")
 
@@ -296,6 +297,12 @@ class Trainer:
         return [MicroBatch(data.input_ids[rows[i:i + m]], data.position_ids[rows[i:i + m]],
                            data.document_ids[rows[i:i + m]]) for i in range(0, len(rows), m)]
 
+    def _phase(self, timer, name: str, train: bool):
+        """The timed phase ``name``; fault injection may kill this rank as it enters (train/faults.py)."""
+        if train:
+            faults.in_phase(name, self.step + 1, self.rank)
+        return timer(name)
+
     # ---- one round: target -> features -> draft -----------------------------------------------
     def _round(self, data, rows: torch.Tensor, timer, train: bool, rounds: int):
         """Run the target and the draft over one round's rows; backprop when training.
@@ -305,9 +312,9 @@ class Trainer:
 
         group_rows = rows[self.dp_rank * self.plan.rows_per_group:(self.dp_rank + 1) * self.plan.rows_per_group]
         micro = self._micro_batches(data, group_rows)
-        with timer("target_forward"):
+        with self._phase(timer, "target_forward", train):
             captures = self.host.forward(micro)
-        with timer("feature_transport"):
+        with self._phase(timer, "feature_transport", train):
             shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length)
         del captures
         mine = group_rows[shard.sequences[0]:shard.sequences[1]]
@@ -328,12 +335,10 @@ class Trainer:
                              loss_impl=kernels.loss, projection_impl=kernels.projection,
                              loss_chunk_tokens=kernels.loss_chunk_tokens)
         if train:
-            from specforge_mcore.train import faults
-
             if faults.poison_loss(self.step + 1, self.rank):
                 out.loss = out.loss * float("nan")
                 out.weighted_step_losses = out.weighted_step_losses * float("nan")
-            with timer("draft_backward"):
+            with self._phase(timer, "draft_backward", train):
                 out.loss.backward()
         real_tokens = int(data.row_lengths[mine].sum())
         return out.weighted_step_losses, out.correct, out.valid, real_tokens
@@ -375,7 +380,7 @@ class Trainer:
         bad_ranks = torch.zeros(self.world)
         bad_ranks[self.rank] = float(local_bad)
         collectives.all_reduce(bad_ranks)
-        with timer("grad_reduce"):
+        with self._phase(timer, "grad_reduce", True):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
             collectives.all_reduce(flat)
@@ -405,8 +410,6 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        from specforge_mcore.train import faults
-
         faults.after_step(self.step, self.rank)
         return metrics
 
@@ -606,7 +609,9 @@ def truncate_metrics(path: str, step: int) -> None:
 class TerminationRequest:
     """SIGTERM/SIGUSR1 caught during training: the step in flight finishes, every rank agrees at the step
     boundary (one all-reduce; a signal may reach the ranks at different steps), the run checkpoints and
-    returns cleanly. Handlers are installed only in the main thread and restored afterwards."""
+    returns cleanly. A second signal ends the process at once (a launcher tearing down a failed job sends
+    SIGTERM to ranks that may be stuck in a collective). Handlers are installed only in the main thread and
+    restored afterwards."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -618,6 +623,9 @@ class TerminationRequest:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal (an impatient launcher): die now, as without us
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.signum = signum
 
     def agreed(self) -> bool:

@@ -344,3 +344,33 @@ def test_resume_with_another_global_batch_or_target_is_refused(tmp_path):
     assert_one_clean_error(proc, "was trained against a target with num_hidden_layers=8, but this target has "
                                  "num_hidden_layers=10")
 
+
+
+FOUR_RANKS = ["target.ep=2", "target.pp=2", "train.max_steps=4", "train.save_every=2", "train.global_batch_size=4",
+              "data.max_length=64", "draft.ttt_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def four_rank_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference4")
+    return reference_run(4, out, *FOUR_RANKS)["weights"], logged_rows(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase,rank", [("target_forward", 3), ("feature_transport", 2), ("draft_backward", 1),
+                                        ("grad_reduce", 0)])
+def test_rank_killed_mid_phase_of_a_four_rank_run_restarts_and_matches(tmp_path, four_rank_reference, phase, rank):
+    """EP2 x PP2 on 4 ranks under torchrun --max-restarts 1: one rank is SIGKILLed as it enters a phase of
+    step 3 while its peers wait in that phase's collectives; the job restarts by itself from step_2 and ends
+    with weights bitwise equal to an uninterrupted run, every step's rows seen once."""
+    weights, rows = four_rank_reference
+    out = tmp_path / "killed"
+    proc = torchrun(4, ["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, *FOUR_RANKS],
+                    env_extra={"SPECFORGE_MCORE_FAULT": f"kill_in:{phase}:3:{rank}"}, max_restarts=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert f"exitcode: -9) local_rank: {rank}" in proc.stderr, "the fault did not fire"
+    final = final_weights(out)
+    for key, value in weights.items():
+        assert torch.equal(final[key], value), f"{key} differs from the uninterrupted run after a kill in {phase}"
+    assert logged_rows(out) == rows and [s for s, _ in rows] == [1, 2, 3, 4]
