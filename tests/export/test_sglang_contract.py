@@ -170,16 +170,17 @@ def test_failed_write_leaves_nothing_or_the_previous_export(checkpoint, tmp_path
             fh.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(io, "save_safetensors", broken_save)
+    # A failed write is one user-facing error naming the export (the CLI prints one line, exit status 2).
+    with pytest.raises(UserError, match=rf"writing the export to {out} failed: disk full"):
         export_checkpoint(ckpt, str(out))
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # no export, no temporary directory
     monkeypatch.undo()
 
     export_checkpoint(ckpt, str(out))
     before = read(str(out))
-    monkeypatch.setattr(io, "save_file", broken_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(io, "save_safetensors", broken_save)
+    with pytest.raises(UserError, match=rf"the existing {out} is untouched"):
         export_checkpoint(ckpt, str(out), overwrite=True, dtype="fp32")
     after = read(str(out))
     assert after[0] == before[0] and all(torch.equal(after[1][k], before[1][k]) for k in before[1])
