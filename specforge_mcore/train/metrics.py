@@ -39,6 +39,19 @@ class MetricsWriter:
             self.tb.close()
 
 
+STEP_LEDGER = "steps.ledger.jsonl"
+
+
+def append_to_ledger(out_dir: str, step: int, rows: list[int], attempt: str) -> None:
+    """``OUT/steps.ledger.jsonl``: one line per optimizer step any attempt completed (step, global batch rows,
+    attempt), appended and fsynced, never truncated, not even by a resume (``metrics.jsonl`` is). After
+    crashes and restarts, the last line of each step is the one the final weights descend from."""
+    with open(os.path.join(out_dir, STEP_LEDGER), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": step, "rows": rows, "attempt": attempt}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def read_metrics(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

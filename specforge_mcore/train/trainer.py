@@ -110,7 +110,7 @@ def check_fresh_start(out_dir: str, resume: bool, overwrite: bool) -> None:
     import shutil
 
     shutil.rmtree(checkpoints_dir(out_dir))
-    for name in ("metrics.jsonl", "training.png"):
+    for name in ("metrics.jsonl", "training.png", "steps.ledger.jsonl"):  # --overwrite: a new run's records
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
@@ -138,6 +138,9 @@ class Trainer:
         self.device = platform.device()
         self.is_main = self.rank == 0
         self.restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        # Which attempt of the job this is, for the step ledger: torchrun's restart count, or the time of
+        # this start (Slurm requeues and reruns with --resume are new processes).
+        self.attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}@{int(time.time())}"
         error = None
         if self.is_main:
             try:
@@ -530,7 +533,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         from tqdm import tqdm
 
-        from specforge_mcore.train.metrics import MetricsWriter, plot_metrics
+        from specforge_mcore.train.metrics import MetricsWriter, append_to_ledger, plot_metrics
         from specforge_mcore.train.phases import PhaseTimer
         from specforge_mcore.train.profile import StepProfiler
 
@@ -559,6 +562,8 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 record.update(self.evaluate() or {})
             history.append(record)
+            if self.is_main:
+                append_to_ledger(self.out_dir, self.step, metrics["rows"], self.attempt)
             if self.is_main and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                 writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.3f}",

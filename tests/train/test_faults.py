@@ -45,6 +45,20 @@ def final_weights(out_dir):
     return load_file(os.path.join(latest_checkpoint(str(out_dir)), "draft.safetensors"))
 
 
+def ledger_lineage(out_dir):
+    """(step, rows) of the steps the final weights descend from, read from the append-only step ledger
+    (the last line of each step wins), and the steps that some attempt ran more than once."""
+    with open(os.path.join(out_dir, "steps.ledger.jsonl")) as fh:
+        lines = [json.loads(line) for line in fh]
+    last = {}
+    for line in lines:
+        last[line["step"]] = line["rows"]
+    counts = {}
+    for line in lines:
+        counts[line["step"]] = counts.get(line["step"], 0) + 1
+    return sorted(last.items()), sorted(step for step, n in counts.items() if n > 1)
+
+
 def logged_rows(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         return [(r["step"], r["rows"]) for r in map(json.loads, fh) if "rows" in r]
@@ -71,6 +85,10 @@ def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted(tmp_path
     # every step's data exactly once, and the same data as the uninterrupted run
     assert logged_rows(out) == logged_rows(tmp_path / "reference")
     assert [s for s, _ in logged_rows(out)] == [1, 2, 3, 4, 5, 6]
+    # The ledger (never rewritten by a resume) shows step 3 ran twice: in the killed attempt (after it, the
+    # rank died) and again after the restart from step_2; the final weights descend from steps 1..6 once.
+    lineage, repeated = ledger_lineage(out)
+    assert lineage == logged_rows(tmp_path / "reference") and repeated == [3]
 
 
 @pytest.mark.slow
@@ -374,3 +392,5 @@ def test_rank_killed_mid_phase_of_a_four_rank_run_restarts_and_matches(tmp_path,
     for key, value in weights.items():
         assert torch.equal(final[key], value), f"{key} differs from the uninterrupted run after a kill in {phase}"
     assert logged_rows(out) == rows and [s for s, _ in rows] == [1, 2, 3, 4]
+    lineage, repeated = ledger_lineage(out)
+    assert lineage == rows and repeated == [], "step 3 never completed before the kill: each step ran once"
