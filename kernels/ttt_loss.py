@@ -3,7 +3,7 @@
     z      = rms_norm(o, norm) @ lm_head.T                    draft logits (fp32 accumulation)
     p      = softmax(teacher logits)   or the given probs    teacher over the draft vocabulary
     loss   = weight * sum_{t: mask} -sum_v p[t, v] * log_softmax(z[t])[v]
-    correct = #{t: mask, argmax z[t] == argmax teacher[t]}
+    hits[t] = mask[t] and argmax z[t] == argmax teacher[t]     (correct = the number of hits)
 
 The per-position loss is rewritten as ``sum(p) * lse(z) - sum_v p_v z_v``, so a pass over the vocabulary
 needs only running values per token: the max and sum-exp of z (online logsumexp), of the teacher logits,
@@ -39,7 +39,7 @@ def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_
                             teacher_probs: Optional[torch.Tensor] = None,
                             teacher_hidden: Optional[torch.Tensor] = None,
                             teacher_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum, correct) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
+    """(loss_sum, hits) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
     Computes in ``o``'s dtype (the head's weights cast to it; the teacher's GEMM in teacher_hidden's), with
     or without autocast around it."""
     with torch.autocast(o.device.type, enabled=False):
@@ -61,8 +61,8 @@ def _reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, teach
     per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1)
     mask = position_mask.bool()
     loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
-    correct = ((logits.argmax(-1) == teacher_choice) & mask).sum()
-    return loss_sum, correct
+    hits = (logits.argmax(-1) == teacher_choice) & mask
+    return loss_sum, hits
 
 
 def _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher_hidden, teacher_weight) -> None:
@@ -149,13 +149,13 @@ class _TTTLossChunked(torch.autograd.Function):
         # probs mode: sum_v p (not exactly 1 for bf16 probs); hidden mode: the teacher's logsumexp.
         teacher_stat = torch.empty_like(lse)
         total = torch.zeros((), dtype=torch.float32, device=o.device)
-        correct = torch.zeros((), dtype=torch.int64, device=o.device)
+        hits = torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)
         for c0 in range(0, len(valid), chunk):
             rows, span = valid[c0:c0 + chunk], slice(c0, c0 + chunk)
             # Two [chunk, Vd] fp32 buffers, the draft's and the teacher's, transformed in place.
             logits = (rms_norm(o.index_select(0, rows), norm_weight, eps) @ lm_head_weight.t()).float()
             teacher = _chunk_teacher(rows, teacher_probs, teacher_hidden, teacher_weight)
-            correct += (logits.argmax(-1) == teacher.argmax(-1)).sum()
+            hits[rows] = logits.argmax(-1) == teacher.argmax(-1)
             if probs_mode:
                 teacher_stat[span] = probs_sum = teacher.sum(-1)
             else:
@@ -169,12 +169,12 @@ class _TTTLossChunked(torch.autograd.Function):
         ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
         ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_stat,
                               *((teacher_probs,) if probs_mode else (teacher_hidden, teacher_weight)))
-        ctx.mark_non_differentiable(correct)
-        return weight * total, correct
+        ctx.mark_non_differentiable(hits)
+        return weight * total, hits
 
     @staticmethod
     @autocast_off
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_hits):
         o, norm_weight, lm_head_weight, valid, lse, teacher_stat, *teacher = ctx.saved_tensors
         teacher_args = (teacher[0], None, None) if ctx.probs_mode else (None, *teacher)
         need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
@@ -404,15 +404,15 @@ if triton is not None:
             teacher_choice = choice[1].gather(0, t_best.argmax(0, keepdim=True))[0]
             mask = position_mask.bool()
             loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
-            correct = ((draft_choice == teacher_choice) & mask).sum()
+            hits = (draft_choice == teacher_choice) & mask
             ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
             ctx.save_for_backward(o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw)
-            ctx.mark_non_differentiable(correct)
-            return loss_sum, correct
+            ctx.mark_non_differentiable(hits)
+            return loss_sum, hits
 
         @staticmethod
         @autocast_off
-        def backward(ctx, grad_loss, _grad_correct):
+        def backward(ctx, grad_loss, _grad_hits):
             o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw = ctx.saved_tensors
             need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
             coef = _coefficients(grad_loss, ctx.weight, mask).contiguous()
@@ -460,8 +460,11 @@ def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, wei
 def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
                         position_mask: torch.Tensor, weight: Weight, *, teacher_probs: Optional[torch.Tensor] = None,
                         teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
-                        impl: str = "auto", chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                        impl: str = "auto", chunk_tokens: int = 1024, return_hits: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum fp32 scalar, correct int64 scalar) of one TTT step; ``o`` is ``[..., H]``, the mask ``[...]``.
+    ``return_hits``: instead of the count, the bool ``[...]`` of positions inside the mask where the draft's
+    argmax equals the teacher's (per-position acceptance, for the chained acceptance estimate).
 
     ``weight`` scales the masked sum (the caller passes ``decay**i / valid_count_i``).
     ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
@@ -470,10 +473,12 @@ def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     path = check_impl(impl, o.device, "loss")
     teacher = dict(teacher_probs=teacher_probs, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
     if path == "reference":
-        return ttt_step_loss_reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, **teacher)
+        loss, hits = ttt_step_loss_reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, **teacher)
+        return loss, (hits if return_hits else hits.sum())
     if chunk_tokens < 1:
         raise ValueError(f"ttt loss: chunk_tokens must be positive, got {chunk_tokens}")
     H = o.shape[-1]
+    lead = position_mask.shape
     o = o.reshape(-1, H)
     position_mask = position_mask.reshape(-1)
     if teacher_probs is not None:
@@ -481,4 +486,5 @@ def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     else:
         teacher["teacher_hidden"] = teacher_hidden.reshape(o.shape[0], -1)
     fn = ttt_step_loss_triton if path == "triton" else ttt_step_loss_chunked
-    return fn(o, norm_weight, lm_head_weight, eps, position_mask, weight, chunk_tokens=chunk_tokens, **teacher)
+    loss, hits = fn(o, norm_weight, lm_head_weight, eps, position_mask, weight, chunk_tokens=chunk_tokens, **teacher)
+    return loss, (hits.reshape(lead) if return_hits else hits.sum())

@@ -21,7 +21,7 @@ then a plain sum, and padding never dilutes the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -91,12 +91,17 @@ class TTTOutput:
     weighted_step_losses: torch.Tensor  # [S], detached: weight_i · Σ_t CE
     correct: torch.Tensor  # [S] int64: argmax agreements on valid positions
     valid: torch.Tensor  # [S] int64: valid positions on this rank
+    # With chain_stats: [2, S] int64, per step i, the positions whose draft chain reached step i (valid at i,
+    # steps < i all right) and those where step i was right as well: their ratio is the conditional
+    # acceptance a_i of the chained acceptance-length estimate (docs/design.md §10).
+    chain: Optional[torch.Tensor] = None
 
 
 def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor], weights: list[float],
                attention: Callable, teacher_weight: torch.Tensor, loss_impl: str = "auto",
-               projection_impl: str = "auto", loss_chunk_tokens: int = 1024) -> TTTOutput:
-    """Unroll the draft for ``len(masks)`` steps and return the weighted EAGLE-3 loss (module doc)."""
+               projection_impl: str = "auto", loss_chunk_tokens: int = 1024, chain_stats: bool = False) -> TTTOutput:
+    """Unroll the draft for ``len(masks)`` steps and return the weighted EAGLE-3 loss (module doc).
+    ``chain_stats``: also count, per step, the draft chains (rooted at each position) that reach it and pass it."""
     from specforge_mcore.kernels.ttt_loss import fused_ttt_step_loss
 
     arch = draft.arch
@@ -112,6 +117,7 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
     k_steps, v_steps = [], []
     k0 = v0 = None
     losses, corrects = [], []
+    reached, accepted, all_right = [], [], None  # all_right[t]: steps so far all right at position t
     for i, (mask, weight) in enumerate(zip(masks, weights)):
         if i > 0:
             hidden_normed = layer.hidden_norm(hidden)
@@ -131,7 +137,13 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
         loss, correct = fused_ttt_step_loss(
             hidden, draft.norm.weight, draft.lm_head.weight, arch.rms_norm_eps, mask, weight,
             teacher_hidden=shift(final_hidden, 1 + i), teacher_weight=teacher_weight,
-            impl=loss_impl, chunk_tokens=loss_chunk_tokens)
+            impl=loss_impl, chunk_tokens=loss_chunk_tokens, return_hits=chain_stats)
+        if chain_stats:
+            hits = correct  # [T] bool, inside the mask
+            reached.append((mask if all_right is None else mask & all_right).sum())
+            all_right = hits if all_right is None else hits & all_right
+            accepted.append(all_right.sum())
+            correct = hits.sum()
         losses.append(loss)
         corrects.append(correct)
     total = torch.stack(losses).sum()
@@ -140,4 +152,16 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
         weighted_step_losses=torch.stack([l.detach().float() for l in losses]),
         correct=torch.stack([c.reshape(()).long() for c in corrects]),
         valid=torch.stack([m.sum() for m in masks]).long(),
+        chain=torch.stack([torch.stack(reached), torch.stack(accepted)]).long() if chain_stats else None,
     )
+
+
+def chained_acceptance_length(reached: list[float], accepted: list[float]) -> tuple[list[float], float]:
+    """Per-step conditional acceptance ``a_i = accepted_i / reached_i`` and the chain estimate of the
+    acceptance length at draft length S: ``1 + sum_j prod_{i<=j} a_i`` (a step no chain reached ends it)."""
+    rates = [a / r if r > 0 else 0.0 for r, a in zip(reached, accepted)]
+    length, running = 1.0, 1.0
+    for rate in rates:
+        running *= rate
+        length += running
+    return rates, length

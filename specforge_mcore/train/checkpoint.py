@@ -77,9 +77,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, keep: int) -> str:
+def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, keep: int,
+                    protect: Optional[str] = None) -> str:
     """Collective: every rank calls it. Rank 0 writes the shared files through ``write_rank0(dir)``;
-    each rank writes its RNG state. Returns the final directory."""
+    each rank writes its RNG state. Keeps the newest ``keep`` checkpoints, and ``protect`` (the best one)
+    whatever its age. Returns the final directory."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     root = checkpoints_dir(out_dir)
     final = os.path.join(root, f"step_{step}")
@@ -126,6 +128,8 @@ def save_checkpoint(out_dir: str, step: int, write_rank0, trainer_state: dict, k
             os.rename(tmp, final)
             fsync_path(root)
             for _, old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+                if protect is not None and os.path.abspath(old) == os.path.abspath(protect):
+                    continue
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             error = exc

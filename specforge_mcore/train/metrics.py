@@ -58,7 +58,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) -> str:
-    """Loss and per-TTT-step accuracy over training (and eval points when present)."""
+    """Loss and per-TTT-step accuracy over training (and eval points when present), and the held-out
+    acceptance-length estimate when evaluations recorded it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +68,9 @@ def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) 
     records = read_metrics(metrics_path)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with_al = any("eval_sim_al" in r for r in evals)
+    fig, axes = plt.subplots(1, 3 if with_al else 2, figsize=(18 if with_al else 12, 4.5))
+    ax_loss, ax_acc = axes[0], axes[1]
     steps = [r["step"] for r in train]
     ax_loss.plot(steps, [r["loss"] for r in train], label="train loss (Σ decayᶦ·Lᵢ)")
     if evals:
@@ -86,6 +89,18 @@ def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) 
     ax_acc.set_ylim(0, 1)
     ax_acc.legend(fontsize=8, ncol=2)
     ax_acc.grid(alpha=0.3)
+    if with_al:
+        ax_al = axes[2]
+        points = [r for r in evals if "eval_sim_al" in r]
+        ax_al.plot([r["step"] for r in points], [r["eval_sim_al"] for r in points], "o-", color="tab:green",
+                   label=f"chained estimate at draft length {len(points[0]['eval_accept'])}")
+        best = max(points, key=lambda r: r["eval_sim_al"])
+        ax_al.annotate(f"best {best['eval_sim_al']:.3f} @ step {best['step']}", (best["step"], best["eval_sim_al"]),
+                       textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        ax_al.set_xlabel("step")
+        ax_al.set_ylabel("held-out acceptance length (1 + Σ_j Π_{i≤j} a_i)")
+        ax_al.legend(fontsize=8)
+        ax_al.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

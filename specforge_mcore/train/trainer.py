@@ -110,7 +110,7 @@ def check_fresh_start(out_dir: str, resume: bool, overwrite: bool) -> None:
     import shutil
 
     shutil.rmtree(checkpoints_dir(out_dir))
-    for name in ("metrics.jsonl", "training.png", "steps.ledger.jsonl"):  # --overwrite: a new run's records
+    for name in ("metrics.jsonl", "training.png", "steps.ledger.jsonl", "best.json"):  # --overwrite: a new run's
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
@@ -182,6 +182,7 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.best = self._load_best() if (resume or self.restarted) else None
         # A job restarted by torchrun (--max-restarts) continues from its latest checkpoint by itself.
         if resume or self.restarted:
             self._resume()
@@ -336,7 +337,7 @@ class Trainer:
         with timer("draft_forward"), self.precision.draft_autocast(dev), torch.set_grad_enabled(train):
             out = ttt_unroll(self.draft, batch, masks, weights, self.attention, self.teacher_weight,
                              loss_impl=kernels.loss, projection_impl=kernels.projection,
-                             loss_chunk_tokens=kernels.loss_chunk_tokens)
+                             loss_chunk_tokens=kernels.loss_chunk_tokens, chain_stats=not train)
         if train:
             if faults.poison_loss(self.step + 1, self.rank):
                 out.loss = out.loss * float("nan")
@@ -344,7 +345,7 @@ class Trainer:
             with self._phase(timer, "draft_backward", train):
                 out.loss.backward()
         real_tokens = int(data.row_lengths[mine].sum())
-        return out.weighted_step_losses, out.correct, out.valid, real_tokens
+        return out.weighted_step_losses, out.correct, out.valid, real_tokens, out.chain
 
     def _reduce_metrics(self, weighted: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor,
                         tokens: int) -> dict:
@@ -371,7 +372,7 @@ class Trainer:
         tokens = 0
         self.optimizer.zero_grad(set_to_none=True)
         for r in range(rounds):
-            w, c, v, t = self._round(self.train_data, rows[r * per_round:(r + 1) * per_round], timer, True, rounds)
+            w, c, v, t, _ = self._round(self.train_data, rows[r * per_round:(r + 1) * per_round], timer, True, rounds)
             totals[0] += w.double().cpu()
             totals[1] += c.cpu()
             totals[2] += v.cpu()
@@ -418,6 +419,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
+        """Held-out loss and per-step accuracy, and the chained acceptance-length estimate
+        ``eval_sim_al = 1 + sum_j prod_{i<=j} a_i`` from the per-step conditional acceptance ``eval_accept``
+        (docs/design.md §10)."""
+        from specforge_mcore.draft.ttt import chained_acceptance_length
         from specforge_mcore.train.phases import PhaseTimer
 
         data = self.eval_data
@@ -427,15 +432,48 @@ class Trainer:
             return None
         s = self.cfg.draft.ttt_steps
         totals = [torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long)]
+        chain = torch.zeros(2, s, dtype=torch.float64)
         timer = PhaseTimer(self.device)
         for b in range(batches):
             rows = torch.arange(b * per_round, (b + 1) * per_round)
-            w, c, v, _ = self._round(data, rows, timer, False, batches)
+            w, c, v, _, ch = self._round(data, rows, timer, False, batches)
             totals[0] += w.double().cpu()
             totals[1] += c.cpu()
             totals[2] += v.cpu()
+            chain += ch.double().cpu()
         m = self._reduce_metrics(*totals, 0)
-        return {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"]}
+        reached, accepted = collectives.all_reduce(chain).tolist()
+        rates, length = chained_acceptance_length(reached, accepted)
+        return {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"],
+                "eval_accept": rates, "eval_sim_al": length}
+
+    # ---- the best checkpoint by the held-out acceptance-length estimate ------------------------
+    BEST = "best.json"
+
+    def _load_best(self) -> Optional[dict]:
+        path = os.path.join(self.out_dir, self.BEST)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            best = json.load(fh)
+        return best if os.path.isdir(best.get("checkpoint", "")) else None
+
+    def _is_new_best(self, record: dict) -> bool:
+        value = record.get("eval_sim_al")
+        return value is not None and (self.best is None or value > self.best["eval_sim_al"])
+
+    def _record_best(self, record: dict, checkpoint: str) -> None:
+        """``OUT/best.json`` names the checkpoint with the highest held-out estimate; rotation keeps it."""
+        self.best = {"step": record["step"], "eval_sim_al": record["eval_sim_al"],
+                     "eval_accept": record["eval_accept"], "checkpoint": checkpoint}
+        if self.is_main:
+            tmp = os.path.join(self.out_dir, f".{self.BEST}.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(self.best, fh, indent=1)
+            os.replace(tmp, os.path.join(self.out_dir, self.BEST))
+            if not self.quiet:
+                print(f"best so far: held-out acceptance-length estimate {record['eval_sim_al']:.3f} at step "
+                      f"{record['step']} -> {checkpoint}", flush=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -471,7 +509,8 @@ class Trainer:
         from specforge_mcore.train.checkpoint import CheckpointWriteError, latest_checkpoint
 
         try:
-            return save_checkpoint(self.out_dir, self.step, write, self.trainer_state(), self.cfg.train.keep_checkpoints)
+            return save_checkpoint(self.out_dir, self.step, write, self.trainer_state(), self.cfg.train.keep_checkpoints,
+                                   protect=(self.best or {}).get("checkpoint"))
         except CheckpointWriteError as exc:
             last = latest_checkpoint(self.out_dir)
             raise CheckpointWriteError(f"{exc}; training stopped at step {self.step}. Last good checkpoint: "
@@ -561,6 +600,9 @@ class Trainer:
                       "phases": phases, "peak_memory_bytes": peak_memory_bytes(self.device)}
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 record.update(self.evaluate() or {})
+                if self._is_new_best(record):
+                    last_saved = self.save()
+                    self._record_best(record, last_saved)
             history.append(record)
             if self.is_main:
                 append_to_ledger(self.out_dir, self.step, metrics["rows"], self.attempt)
@@ -569,7 +611,7 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc0=f"{record['acc'][0]:.3f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if cfg.save_every and self.step % cfg.save_every == 0 and not (last_saved or "").endswith(f"step_{self.step}"):
                 last_saved = self.save()
             if terminate.agreed():
                 break
@@ -590,7 +632,9 @@ class Trainer:
             writer.write({"step": self.step, **final_eval})
             history.append({"step": self.step, **final_eval})
         if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
-            self.save()
+            last_saved = self.save()
+        if final_eval and self._is_new_best(final_eval):
+            self._record_best({"step": self.step, **final_eval}, last_saved)
         if self.is_main:
             writer.close()
             if cfg.plot and history:

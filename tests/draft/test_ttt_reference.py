@@ -30,7 +30,8 @@ def _rope(x, pos, theta):
 
 
 def naive_ttt_loss(p, batch, t2d, steps, decay, teacher_w, theta):
-    """p: dict of the draft's parameter tensors. Returns (total loss, per-step (sum, count, correct))."""
+    """p: dict of the draft's parameter tensors. Returns (total loss, per-step (sum, count, correct), and
+    per step the set of positions counted and the set where the draft was right)."""
     ids = batch.input_ids.reshape(-1).tolist()
     pos = batch.position_ids.reshape(-1).tolist()
     n, s = batch.input_ids.shape
@@ -43,7 +44,7 @@ def naive_ttt_loss(p, batch, t2d, steps, decay, teacher_w, theta):
     emb_w = p["embed"]
     hidden = [torch.cat([aux[0][t], aux[1][t], aux[2][t]]) @ p["fc"].T for t in range(T)]
     keys = {}  # (step, t) -> (k [KV, D], v [KV, D])
-    total, per_step = 0.0, []
+    total, per_step, counted, right = 0.0, [], [], []
     for i in range(steps):
         queries, outs = {}, []
         for t in range(T):
@@ -68,6 +69,8 @@ def naive_ttt_loss(p, batch, t2d, steps, decay, teacher_w, theta):
             mlp_in = _rms(h1, p["post_norm"])
             outs.append(h1 + (torch.nn.functional.silu(mlp_in @ p["gate"].T) * (mlp_in @ p["up"].T)) @ p["down"].T)
         loss_sum, count, correct = 0.0, 0, 0
+        counted.append(set())
+        right.append(set())
         for t in range(T):
             nxt = t + 2 + i
             if nxt >= T or doc[nxt] != doc[t] or not asst[nxt] or not bool(t2d[tgt[t + 1 + i]]):
@@ -77,11 +80,14 @@ def naive_ttt_loss(p, batch, t2d, steps, decay, teacher_w, theta):
             loss_sum = loss_sum - (torch.softmax(zt, -1) * torch.log_softmax(z, -1)).sum()
             count += 1
             correct += int(z.argmax() == zt.argmax())
+            counted[-1].add(t)
+            if z.argmax() == zt.argmax():
+                right[-1].add(t)
         if count:
             total = total + decay ** i * loss_sum / count
         per_step.append((loss_sum, count, correct))
         hidden = outs
-    return total, per_step
+    return total, per_step, counted, right
 
 
 def _setup(seed=0):
@@ -119,7 +125,8 @@ def test_ttt_matches_naive_reference(backend, loss_impl, steps):
     masks = position_masks(batch, draft.t2d, steps)
     weights = step_weights(torch.stack([m.sum() for m in masks]), decay)
     out = ttt_unroll(draft, batch, masks, weights, select_attention_backend(backend, torch.device("cpu")), teacher_w,
-                     loss_impl=loss_impl, projection_impl="chunked" if loss_impl != "reference" else "reference")
+                     loss_impl=loss_impl, projection_impl="chunked" if loss_impl != "reference" else "reference",
+                     chain_stats=True)
     out.loss.backward()
     ours = {n: prm.grad.clone() for n, prm in draft.named_parameters()}
     draft.zero_grad()
@@ -133,12 +140,19 @@ def test_ttt_matches_naive_reference(backend, loss_impl, steps):
     params = dict(draft.named_parameters())
     p = {short: params[full] for short, full in names.items()}
     p["embed"] = draft.embed_tokens
-    total, per_step = naive_ttt_loss(p, batch, draft.t2d, steps, decay, teacher_w, 10000.0)
+    total, per_step, counted, right = naive_ttt_loss(p, batch, draft.t2d, steps, decay, teacher_w, 10000.0)
     total.backward()
 
     assert sum(c for _, c, _ in per_step) >= 8, "the batch must have enough supervised positions to test anything"
     assert out.valid.tolist() == [c for _, c, _ in per_step], "position masks differ from the reference rule"
     assert out.correct.tolist() == [c for _, _, c in per_step]
+    # The chain rooted at position t reaches step i when steps < i were all right at t and step i counts there.
+    all_right, reached, accepted = set(range(batch.num_tokens)), [], []
+    for i in range(steps):
+        reached.append(len(counted[i] & all_right))
+        all_right &= right[i]
+        accepted.append(len(all_right))
+    assert out.chain.tolist() == [reached, accepted], "chained acceptance counts"
     torch.testing.assert_close(out.loss, total.detach(), rtol=1e-5, atol=1e-5)
     for short, full in names.items():
         torch.testing.assert_close(ours[full], params[full].grad, rtol=1e-4, atol=1e-5, msg=f"grad of {full}")
@@ -157,3 +171,42 @@ def test_mask_refers_to_the_predicted_token():
     batch.assistant_mask[0, 10] = False
     batch.assistant_mask[0, 14] = True  # in the next (padding) document: never supervised from document 2
     assert all(int(m.sum()) == 0 for m in position_masks(batch, draft.t2d, 3))
+
+
+def test_chained_acceptance_length_formula():
+    from specforge_mcore.draft.ttt import chained_acceptance_length
+
+    rates, length = chained_acceptance_length([100, 40, 10], [40, 10, 5])
+    assert rates == [0.4, 0.25, 0.5]
+    assert length == pytest.approx(1 + 0.4 + 0.4 * 0.25 + 0.4 * 0.25 * 0.5)
+    assert chained_acceptance_length([10, 0, 0], [0, 0, 0]) == ([0.0, 0.0, 0.0], 1.0)
+
+
+def test_chain_counts_follow_each_position_through_the_steps(monkeypatch):
+    """With designed per-position hits (the draft is rarely right by chance), the chain counts are the
+    chains that reach each step (all earlier steps right there, this step counted) and pass it."""
+    import specforge_mcore.kernels.ttt_loss as ttt_loss
+
+    draft, batch, teacher_w = _setup()
+    steps = 4
+    masks = position_masks(batch, draft.t2d, steps)
+    gen = torch.Generator().manual_seed(3)
+    designed = [torch.rand(batch.num_tokens, generator=gen) < 0.7 for _ in range(steps)]
+    calls = []
+
+    def fake_loss(o, *args, position_mask, return_hits=False, **kwargs):
+        hits = designed[len(calls)] & position_mask
+        calls.append(1)
+        return (o * 0).sum(), (hits if return_hits else hits.sum())
+
+    monkeypatch.setattr(ttt_loss, "fused_ttt_step_loss",
+                        lambda o, nw, hw, eps, mask, weight, **k: fake_loss(o, position_mask=mask, **k))
+    out = ttt_unroll(draft, batch, masks, step_weights(torch.stack([m.sum() for m in masks]), 0.8),
+                     select_attention_backend("reference", torch.device("cpu")), teacher_w, chain_stats=True)
+    all_right, reached, accepted = torch.ones(batch.num_tokens, dtype=torch.bool), [], []
+    for i in range(steps):
+        reached.append(int((masks[i] & all_right).sum()))
+        all_right = all_right & designed[i] & masks[i]
+        accepted.append(int(all_right.sum()))
+    assert out.chain.tolist() == [reached, accepted]
+    assert accepted[1] > 0 and reached[1] > accepted[1], "the design must exercise partial chains"

@@ -56,9 +56,21 @@ def run(impl, inputs, teacher, weight=0.37, chunk_tokens=16):
     return dict(loss=loss.detach(), correct=correct, d_o=o.grad, d_norm=norm.grad, d_head=head.grad)
 
 
+def hits(impl, inputs, teacher, chunk_tokens=16):
+    o, norm, head, position_mask = inputs
+    with torch.no_grad():
+        return fused_ttt_step_loss(o, norm, head, EPS, position_mask, 0.37, impl=impl, chunk_tokens=chunk_tokens,
+                                   return_hits=True, **teacher)[1]
+
+
 def compare(impl, inputs, teacher, tol, **kwargs):
     expected = run("reference", inputs, teacher, **kwargs)
     actual = run(impl, inputs, teacher, **kwargs)
+    per_position = hits(impl, inputs, teacher, kwargs.get("chunk_tokens", 16))
+    assert per_position.dtype == torch.bool and per_position.shape == inputs[3].shape
+    assert int(per_position.sum()) == int(actual["correct"]) and not bool((per_position & ~inputs[3]).any())
+    if tol <= 1e-5:
+        assert torch.equal(per_position, hits("reference", inputs, teacher)), "per-position hits"
     assert actual["loss"].dtype == torch.float32 and actual["correct"].dtype == torch.int64
     assert not actual["correct"].requires_grad
     if tol <= 1e-5:
@@ -138,13 +150,13 @@ def test_weight_as_tensor_and_leading_dims():
 def test_reference_is_soft_cross_entropy():
     """The reference against the contract written out: masked sum of -sum p log softmax(z), times weight."""
     (o, norm, head, mask), kwargs = make_inputs(6, 8, 10, "hidden", torch.float32)
-    loss, correct = ttt_step_loss_reference(o, norm, head, EPS, mask, 0.5, **kwargs)
+    loss, hits = ttt_step_loss_reference(o, norm, head, EPS, mask, 0.5, **kwargs)
     z = rms_norm(o, norm, EPS) @ head.t()
     teacher_logits = kwargs["teacher_hidden"] @ kwargs["teacher_weight"].t()
     p = torch.softmax(teacher_logits, -1)
     expected = sum(-(p[t] * torch.log_softmax(z[t], -1)).sum() for t in range(6) if mask[t]) * 0.5
     assert_close(loss, expected, 1e-6, "loss")
-    assert int(correct) == sum(int(z[t].argmax() == teacher_logits[t].argmax()) for t in range(6) if mask[t])
+    assert hits.tolist() == [bool(mask[t]) and bool(z[t].argmax() == teacher_logits[t].argmax()) for t in range(6)]
 
 
 def test_path_selection_and_errors():

@@ -4,6 +4,9 @@ wrong token, a wrong teacher shift) leaves the draft near its starting accuracy.
 the production policy (bf16 target, bf16 draft compute over fp32 master weights), which must learn as
 well: the same thresholds hold for both."""
 
+import json
+import os
+
 import pytest
 
 from specforge_mcore.config import config_to_dict, load_config
@@ -28,3 +31,10 @@ def test_short_run_lifts_held_out_accuracy(tmp_path, dtype):
     print(f"{dtype}: held-out step-0 accuracy: untrained {before:.3f} -> trained {after:.3f}; loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     assert losses[-1] < 0.7 * losses[0]
     assert after > before + 0.12, f"step-0 accuracy only went from {before:.3f} to {after:.3f}"
+    # The held-out chained acceptance-length estimate rises with it, and the best checkpoint is named.
+    al_before = result["eval_before"]["eval_sim_al"]
+    al_after = [r for r in result["history"] if "eval_sim_al" in r][-1]["eval_sim_al"]
+    print(f"{dtype}: held-out acceptance-length estimate {al_before:.3f} -> {al_after:.3f}")
+    assert al_after > al_before + 0.1
+    best = json.load(open(tmp_path / "best.json"))
+    assert best["eval_sim_al"] == pytest.approx(al_after) and os.path.isdir(best["checkpoint"])
