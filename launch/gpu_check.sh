@@ -151,6 +151,13 @@ fail_note() {
 
 show_tail() { [ "$DRY_RUN" = 1 ] || { echo "----- last lines of $1 -----"; tail -n 25 "$1"; echo "-----"; }; }
 
+# fail_row NAME LOG STATUS START: a row whose command exited STATUS: the tail of its log and the reason.
+fail_row() {
+    [ "$DRY_RUN" = 1 ] && return
+    show_tail "$2"
+    record "$1" FAIL "$((SECONDS - $4))" "$(fail_note "$2" "$3")"
+}
+
 helper() { "$PYTHON" -m specforge_mcore.gpucheck "$@"; }
 
 cleanup() {
@@ -364,10 +371,7 @@ train_row() {
             record "$name" FAIL "$((SECONDS - start))" "loss does not fall: $trend"
         fi
     else
-        local status=$?
-        [ "$DRY_RUN" = 1 ] && return
-        show_tail "$log"
-        record "$name" FAIL "$((SECONDS - start))" "$(fail_note "$log" "$status")"
+        fail_row "$name" "$log" $? "$start"
     fi
 }
 
@@ -403,10 +407,7 @@ bench_row() {
         [ "$DRY_RUN" = 1 ] && return
         record "$name" PASS "$((SECONDS - start))" "$(helper bench-summary "$log")"
     else
-        local status=$?
-        [ "$DRY_RUN" = 1 ] && return
-        show_tail "$log"
-        record "$name" FAIL "$((SECONDS - start))" "$(fail_note "$log" "$status")"
+        fail_row "$name" "$log" $? "$start"
     fi
 }
 
