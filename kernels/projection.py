@@ -25,16 +25,12 @@ from ._common import (INTERPRET, accumulate_mm, autocast_off, check_impl, in_dty
 __all__ = ["projection_reference", "projection_chunked", "projection_triton", "fused_projection"]
 
 
+@autocast_off
 def projection_reference(hiddens: Sequence[torch.Tensor], fc_weight: torch.Tensor, hidden_norm_weight: torch.Tensor,
                          eps: float, layer_norm_weights: Optional[Sequence[torch.Tensor]] = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, hidden_norm(g)) with plain ops: the spec the fused paths are tested against. Computes in the
     captured layers' dtype (weights cast to it), whether or not autocast is on."""
-    with torch.autocast(hiddens[0].device.type, enabled=False):
-        return _projection_reference(hiddens, fc_weight, hidden_norm_weight, eps, layer_norm_weights)
-
-
-def _projection_reference(hiddens, fc_weight, hidden_norm_weight, eps, layer_norm_weights):
     dtype = hiddens[0].dtype
     fc_weight, hidden_norm_weight = in_dtype(fc_weight, dtype), in_dtype(hidden_norm_weight, dtype)
     if layer_norm_weights is not None:

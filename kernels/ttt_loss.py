@@ -34,6 +34,7 @@ __all__ = ["ttt_step_loss_reference", "ttt_step_loss_chunked", "ttt_step_loss_tr
 Weight = Union[float, torch.Tensor]
 
 
+@autocast_off
 def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
                             position_mask: torch.Tensor, weight: Weight, *,
                             teacher_probs: Optional[torch.Tensor] = None,
@@ -42,13 +43,6 @@ def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_
     """(loss_sum, hits) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
     Computes in ``o``'s dtype (the head's weights cast to it; the teacher's GEMM in teacher_hidden's), with
     or without autocast around it."""
-    with torch.autocast(o.device.type, enabled=False):
-        return _reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, teacher_probs, teacher_hidden,
-                          teacher_weight)
-
-
-def _reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, teacher_probs, teacher_hidden,
-               teacher_weight):
     norm_weight, lm_head_weight = in_dtype(norm_weight, o.dtype), in_dtype(lm_head_weight, o.dtype)
     logits = (rms_norm(o, norm_weight, eps) @ lm_head_weight.t()).float()
     if teacher_probs is not None:
