@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-target": ("specforge_mcore.target.prepare", "fetch/convert a real target (SmolLM2) into an HF directory"),
     "verify-target": ("specforge_mcore.target.verify", "load a target in a TP/EP/PP layout and compare with HF transformers"),
     "prepare-data": ("specforge_mcore.data.prepare", "tokenise conversations with the chat template and cache them"),
+    "regenerate": ("specforge_mcore.data.regenerate", "answer a dataset's assistant turns again with the target (endpoint or local)"),
     "build-vocab": ("specforge_mcore.data.vocab", "build the draft vocabulary (d2t/t2d) from loss-masked tokens"),
     "train": ("specforge_mcore.train.cli", "train an EAGLE-3 draft against the frozen target"),
     "export": ("specforge_mcore.export.cli", "write an SGLang or speculators checkpoint from a training checkpoint"),

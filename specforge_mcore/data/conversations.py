@@ -37,6 +37,7 @@ ROLE_MAP = {
 class Conversation:
     messages: list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
     source: str  # "file:line" of the record
+    id: Optional[str] = None  # the record's own "id" (a string or an integer, as text), when it has one
 
 
 class SampleRejected(BadSampleError):
@@ -132,7 +133,9 @@ def to_conversation(record: Any, source: str) -> Conversation:
     messages = [m for i, m in enumerate(messages) if i > first_user or m["role"] != "assistant"]
     if not any(m["role"] == "assistant" for m in messages):
         raise SampleRejected("no assistant turn", source)
-    return Conversation(messages, source)
+    record_id = record.get("id")
+    has_id = isinstance(record_id, (str, int)) and not isinstance(record_id, bool) and str(record_id) != ""
+    return Conversation(messages, source, str(record_id) if has_id else None)
 
 
 # ----------------------------------------------------------------------------------------------
