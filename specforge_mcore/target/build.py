@@ -19,6 +19,7 @@ from specforge_mcore.fileio import read_json
 from specforge_mcore.platform import apply_platform_shims, has_transformer_engine
 from specforge_mcore.rope import RopeTable
 from specforge_mcore.target.families import Family, family_for
+from specforge_mcore.target.sharding import pipeline_split
 
 
 @dataclass(frozen=True)
@@ -74,32 +75,6 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def pipeline_split(num_layers: int, pp: int, where: str = "config.json") -> list[int]:
-    """Layers per pipeline stage: even when possible, else Megatron's uneven first/last stages with
-    the middle stages equal, choosing the most balanced such split (lighter first/last stages)."""
-    if pp < 1 or num_layers < pp:
-        raise UserError(f"{where}: num_hidden_layers={num_layers} cannot be split over pp={pp} stages "
-                        f"(every stage needs at least one layer; pp must be <= {num_layers})")
-    if num_layers % pp == 0:
-        return [num_layers // pp] * pp
-    if pp == 2:
-        return [num_layers // 2, num_layers - num_layers // 2]
-    best = None
-    for first in range(1, num_layers):
-        for last in range(1, num_layers - first):
-            middle_total = num_layers - first - last
-            if middle_total % (pp - 2) or middle_total // (pp - 2) < 1:
-                continue
-            split = [first] + [middle_total // (pp - 2)] * (pp - 2) + [last]
-            # The first and last stages also hold the embedding and the output layer + teacher.
-            key = (max(split), first + last, abs(first - last))
-            if best is None or key < best[0]:
-                best = (key, split)
-    if best is None:
-        raise UserError(f"{where}: num_hidden_layers={num_layers} cannot be split over pp={pp} stages")
-    return best[1]
 
 
 def check_layout(hf: dict, family: Family, layout: Layout, world_size: int, where: str) -> None:
@@ -317,6 +292,7 @@ class StageModel:
     vocab_size: int
     # MLA targets: where the host puts each micro-batch's positions (see PositionRotary)
     position_rotary: Optional["PositionRotary"] = None
+    use_te: bool = False  # built from Transformer Engine's spec (its layers shard a few tensors differently)
 
     @property
     def pre_process(self) -> bool:
@@ -331,7 +307,7 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
                       where: str = "config.json", native_fp8: bool = False) -> StageModel:
     """Build the (empty, frozen) GPTModel piece this rank owns. Megatron's groups must be initialised.
 
-    ``native_fp8``: the weights will be loaded in FP8 (``target/fp8.py``), whose GEMMs replace those of
+    ``native_fp8``: the weights will be loaded in FP8 (``target/fp8/``), whose GEMMs replace those of
     Megatron's local linear layers: the local spec is used even with Transformer Engine installed, and the
     model stays in host memory until ``StageModel.to_device`` (after loading)."""
     from megatron.core import parallel_state
@@ -373,4 +349,4 @@ def build_stage_model(hf: dict, layout: Layout, dtype: torch.dtype = torch.float
         position_rotary = PositionRotary(RopeTable(hf, config.qk_pos_emb_head_dim), config.rope_type == "yarn")
         for layer in model.decoder.layers:
             layer.self_attention.rotary_pos_emb = position_rotary
-    return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab, position_rotary)
+    return StageModel(model, hf, family, layout, layer_ids, padded_vocab, vocab, position_rotary, use_te)

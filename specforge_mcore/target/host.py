@@ -25,6 +25,7 @@ from specforge_mcore.platform import device as platform_device
 from specforge_mcore.rope import RopeTable
 from specforge_mcore.target.build import Layout, StageModel, build_stage_model, read_hf_config
 from specforge_mcore.target.load import SafetensorsReader, load_stage_weights
+from specforge_mcore.target.sharding import pipeline_split, stage_of_layer
 
 
 def default_capture_layer_ids(num_layers: int) -> list[int]:
@@ -84,7 +85,7 @@ class TargetHost:
         self.layout = layout
         self.dtype = dtype
         where = f"{hf_dir}/config.json"
-        # FP8 checkpoints: dequantized at load or kept in FP8 (target/fp8.py); see TargetConfig.fp8.
+        # FP8 checkpoints: dequantized at load or kept in FP8 (target/fp8/); see TargetConfig.fp8.
         self.fp8_mode = block_fp8.resolve_mode(fp8, block_fp8.checkpoint_format(self.hf, where), platform_device(), where)
         if quantize not in ("none", "fp8") or (quantize == "fp8" and self.fp8_mode is not None):
             raise UserError(f"target.quantize={quantize!r}: expected 'none', or 'fp8' for a full-precision checkpoint "
@@ -147,15 +148,7 @@ class TargetHost:
 
     def owner_stage(self, capture_id: int) -> int:
         """Pipeline stage that owns the output of layer ``capture_id``."""
-        from specforge_mcore.target.build import pipeline_split
-
-        split = pipeline_split(self.num_layers, self.layout.pp)
-        bound = 0
-        for stage, count in enumerate(split):
-            bound += count
-            if capture_id < bound:
-                return stage
-        raise ValueError(capture_id)
+        return stage_of_layer(capture_id, pipeline_split(self.num_layers, self.layout.pp))
 
     def output_weight_shard(self) -> tuple[torch.Tensor, int, int]:
         """(this TP rank's rows of the output layer, first global row, number of real rows)."""

@@ -153,7 +153,8 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
 def load_hf_model(hf_dir: str):
     import transformers
 
-    from specforge_mcore.target.fp8 import load_dequantized_hf_model, read_checkpoint_format
+    from specforge_mcore.target.fp8 import read_checkpoint_format
+    from specforge_mcore.target.fp8.reference import load_dequantized_hf_model
 
     if read_checkpoint_format(hf_dir) is not None:  # FP8: HF on the dequantised weights, the exact reference
         return load_dequantized_hf_model(hf_dir)

@@ -41,6 +41,8 @@ from typing import Optional
 
 from specforge_mcore.config import RunConfig, load_config
 from specforge_mcore.errors import UserError
+from specforge_mcore.target.fp8 import planned_weight_bytes
+from specforge_mcore.target.sharding import ShardingRules, pipeline_split, stage_of_layer
 
 # Bytes per element of the target's weights and activations (fp8 goes here when the host supports it).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -70,69 +72,12 @@ def fmt_bytes(n: float) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_params(tc: dict, layout, moe_layer: bool) -> tuple[int, int]:
-    """(elements in the target dtype, fp32 elements) of one decoder layer on one rank."""
-    tp, ep, etp = layout.tp, layout.ep, layout.expert_tp
-    H = tc["hidden_size"]
-    heads = tc["num_attention_heads"]
-    bias = bool(tc.get("add_bias_linear"))
-    n = 2 * H  # input and pre-MLP norms
-    if tc.get("multi_latent_attention"):
-        qk, rope, v = tc["qk_head_dim"], tc["qk_pos_emb_head_dim"], tc["v_head_dim"]
-        q_lora, kv_lora = tc.get("q_lora_rank"), tc["kv_lora_rank"]
-        if q_lora:
-            n += q_lora // tp * H + q_lora + heads // tp * (qk + rope) * q_lora  # down, norm, up
-        else:
-            n += heads // tp * (qk + rope) * H
-        n += (kv_lora + rope) // tp * H + kv_lora + heads // tp * (qk + v) * kv_lora
-        n += H * heads // tp * v
-    else:
-        kv, groups = tc["kv_channels"], tc["num_query_groups"]
-        qkv_rows = (heads + 2 * groups) * kv // tp
-        n += qkv_rows * H + (qkv_rows if tc.get("add_qkv_bias") else 0)
-        n += H * heads * kv // tp + (H if bias else 0)
-        n += 2 * kv if tc.get("qk_layernorm") else 0
-        n += heads // tp if tc.get("softmax_type") == "learnable" else 0  # attention sinks
-    gated = 2 if tc.get("gated_linear_unit") else 1
-    fp32 = 0
-    if moe_layer:
-        E, mf = tc["num_moe_experts"], tc["moe_ffn_hidden_size"]
-        per_expert = gated * mf // etp * H + H * mf // etp + ((gated * mf // etp + H) if bias else 0)
-        n += E // ep * per_expert
-        n += E * H + (E if bias else 0)  # router (Megatron casts it to the params dtype)
-        fp32 += 2 * E if tc.get("moe_router_enable_expert_bias") else 0  # expert bias + token counts, kept fp32
-        shared = tc.get("moe_shared_expert_intermediate_size")
-        if shared:
-            n += gated * shared // tp * H + H * shared // tp
-    else:
-        ffn = tc["ffn_hidden_size"]
-        n += gated * ffn // tp * H + H * ffn // tp + ((gated * ffn // tp + H) if bias else 0)
-    return n, fp32
-
-
 def stage_weight_bytes(hf: dict, family, layout, dtype_bytes: int) -> list[int]:
-    """Bytes of the target's parameters and buffers on one rank of each pipeline stage."""
-    from specforge_mcore.target.build import pipeline_split
-
-    tc = family.transformer_config(hf)
-    freq = tc.get("moe_layer_freq")
-    moe = [bool(freq[i]) if isinstance(freq, list) else family.is_moe for i in range(tc["num_layers"])]
-    H, pp = tc["hidden_size"], layout.pp
-    vocab_rows = -(-int(hf["vocab_size"]) // layout.tp)  # vocab-parallel, padded to a multiple of TP
-    tied = bool(hf.get("tie_word_embeddings", False))
-    out, first = [], 0
-    for stage, count in enumerate(pipeline_split(tc["num_layers"], pp)):
-        n = fp32 = 0
-        for layer in range(first, first + count):
-            a, b = layer_params(tc, layout, moe[layer])
-            n, fp32 = n + a, fp32 + b
-        first += count
-        if stage == 0:
-            n += vocab_rows * H
-        if stage == pp - 1:
-            n += H + (0 if tied and pp == 1 else vocab_rows * H)  # final norm; output layer (a copy if tied)
-        out.append(n * dtype_bytes + fp32 * 4)
-    return out
+    """Bytes of the target's parameters and buffers on one rank of each pipeline stage: the shards of
+    ``target/sharding.py``, each in ``dtype_bytes`` (the router's expert bookkeeping in fp32)."""
+    rules = ShardingRules(hf, family, layout)
+    return [sum(s.numel * (4 if s.fp32 else dtype_bytes) for s in rules.stage_shards(stage))
+            for stage in range(layout.pp)]
 
 
 def draft_param_count(arch) -> int:
@@ -249,7 +194,7 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
     """The per-rank memory plan of ``cfg`` on ``world`` ranks (module doc). ``device`` picks the kernel
     paths ``auto`` resolves to (cuda: Triton; cpu: chunked) and the activation byte counts."""
     from specforge_mcore.draft.model import DraftArch
-    from specforge_mcore.target.build import Layout, check_layout, pipeline_split
+    from specforge_mcore.target.build import Layout, check_layout
     from specforge_mcore.target.families import family_for
     from specforge_mcore.target.host import check_capture_layer_ids, default_capture_layer_ids
     from specforge_mcore.train.trainer import BatchPlan
@@ -307,7 +252,6 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
                      f"trains the draft on {n} sequence(s) = {T} tokens, {S} TTT steps; draft {P / 1e6:.1f}M params")
 
     # ---- held ------------------------------------------------------------------------------------
-    from specforge_mcore.target.fp8 import planned_weight_bytes  # FP8 targets: 1 B/weight + block scales
 
     label, weights = planned_weight_bytes(tc_cfg, hf, family, layout, stage_weight_bytes(hf, family, layout, tb), tb,
                                           device)
@@ -341,7 +285,7 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
         moe = 4 * t * E * 4 + t * k * (3 * H + (gated + 1) * mf // layout.expert_tp) * tb + t * H * tb
         mlp = max(mlp, moe)
     in_flight = (3 + (2 if layout.pp > 1 else 0)) * t * H * tb  # residual, norm output, layer output; P2P buffers
-    owned = [sum(1 for c in capture if _owner(c, split) == st) for st in range(layout.pp)]
+    owned = [sum(1 for c in capture if stage_of_layer(c, split) == st) for st in range(layout.pp)]
     last = layout.pp - 1
     features = [rows_group * s * H * tb * (owned[st] + (1 if st == last else 0)) + (rows_group * s * 8 if st == last else 0)
                 for st in range(layout.pp)]
@@ -389,15 +333,6 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
         tensors = [h + max(plan.subtotal(p)[st] for p in plan.phases) for st, h in enumerate(plan.subtotal("held"))]
         plan.add("reserve", "CUDA context, NCCL, allocator fragmentation (2 GiB + 10%)", [2 * GiB + 0.1 * x for x in tensors])
     return plan
-
-
-def _owner(layer_id: int, split: list[int]) -> int:
-    bound = 0
-    for stage, count in enumerate(split):
-        bound += count
-        if layer_id < bound:
-            return stage
-    raise ValueError(layer_id)
 
 
 # ----------------------------------------------------------------------------------------------

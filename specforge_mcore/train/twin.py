@@ -110,8 +110,8 @@ def _twin_layers(capture_layer_ids, pp: int) -> int:
 def _twin_hf_config(family: str, real: dict, layers: int, pp: int, ep: int) -> dict:
     """Overrides of the family's random defaults: the tokenizer's vocab, the layer count, the real config's
     structural switches that the defaults expose, an EP-divisible expert count."""
-    from specforge_mcore.target.build import pipeline_split
     from specforge_mcore.target.random import DEFAULTS
+    from specforge_mcore.target.sharding import pipeline_split
 
     defaults = DEFAULTS[family][1]
     hf: dict[str, Any] = dict(vocab_size=TOKENIZER_VOCAB, num_hidden_layers=layers)

@@ -8,7 +8,8 @@ import pytest
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.parallel import SpawnError, spawn
-from specforge_mcore.target.build import Layout, check_layout, pipeline_split, read_hf_config
+from specforge_mcore.target.build import Layout, check_layout, read_hf_config
+from specforge_mcore.target.sharding import pipeline_split
 from specforge_mcore.target.families import family_for
 from specforge_mcore.target.load import SafetensorsReader
 from specforge_mcore.target.random import random_target
@@ -87,7 +88,8 @@ def test_weights_that_do_not_match_config(tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(hidden_size=64, head_dim=16)
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SpawnError, match=r"weights for embedding.word_embeddings.weight have shape \[512, 32\] on this rank, expected \[512, 64\]"):
+    with pytest.raises(SpawnError, match=r"model.safetensors: model.embed_tokens.weight has shape \[512, 32\], but config.json "
+                                         r"implies \[512, 64\] \(checkpoint does not match config.json\?\)"):
         spawn(layout_worker, 1, str(dst), [Layout()], [random_inputs(512, seed=0)])
 
 

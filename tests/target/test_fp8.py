@@ -18,21 +18,75 @@ is applied to its own block: a scale applied to another block changes its weight
 two blocks' maxima, an error orders of magnitude above 1e-5.
 """
 
+import json
 import os
-from types import SimpleNamespace
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.target import fp8
 from specforge_mcore.target.build import Layout, read_hf_config
 from specforge_mcore.target.families import family_for
-from specforge_mcore.target.load import SafetensorsReader, WeightLoader
+from specforge_mcore.target.fp8 import expand_scales, quantize_blocks, scale_key
+from specforge_mcore.target.fp8 import reads as fp8_reads
+from specforge_mcore.target.fp8.reference import write_dequantized_checkpoint
+from specforge_mcore.target.load import SafetensorsReader, assemble
 from specforge_mcore.target.random import random_target
+from specforge_mcore.target.sharding import Coords, ShardingRules
 
 BLOCK = (16, 16)  # the tiny target's matrices are 16-128 wide; 128x128 blocks would cover them whole
 E4M3_ULP = 2.0 ** -3  # one unit in the last place, relative to the binade
+
+
+# ---- block-FP8 checkpoints written from a full-precision tiny model, as the releases lay them out --------
+
+
+def default_quantized(key: str, shape: list[int]) -> bool:
+    """The tensors the official FP8 releases quantize: 2-D weights inside decoder layers, except routers."""
+    if len(shape) != 2 or not key.endswith(".weight") or ".layers." not in key:
+        return False
+    return not key.endswith(("mlp.gate.weight", "mlp.router.weight", "block_sparse_moe.gate.weight"))
+
+
+def write_fp8_checkpoint(src_dir: str, out_dir: str, block: tuple[int, int] = (128, 128)) -> str:
+    """Write ``src_dir`` (full precision) as a block-FP8 checkpoint at ``out_dir``; other files are copied."""
+    reader = SafetensorsReader(src_dir)
+    if reader.fmt is not None:
+        raise UserError(f"{src_dir} is already an FP8 checkpoint")
+    os.makedirs(out_dir, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for key in sorted(reader.key_to_file):
+        with safe_open(reader.key_to_file[key], framework="pt") as handle:
+            tensor = handle.get_tensor(key)
+        if default_quantized(key, list(tensor.shape)):
+            tensors[key], tensors[scale_key(key)] = quantize_blocks(tensor, block)
+        else:
+            tensors[key] = tensor.contiguous()
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(src_dir):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            continue
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copy(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as fh:
+        hf = json.load(fh)
+    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                 "weight_block_size": list(block)}
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(hf, fh, indent=2)
+    return out_dir
+
+
+def e4m3_rounding_bound(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The largest error rounding ``weight`` to e4m3 in its block may make, per element: half a unit in the last
+    place, 2^-4 of the magnitude for normal values (3 mantissa bits), 2^-10 of the block scale for subnormals."""
+    rows, cols = weight.shape
+    scale = expand_scales(scale_inv, block, (0, rows), (0, cols))
+    return torch.maximum(weight.float().abs() * 2.0 ** -4, scale * 2.0 ** -10)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +94,8 @@ def moe_dirs(tmp_path_factory):
     """(full-precision tiny Qwen3-MoE, its block-FP8 copy, that copy dequantised to fp32)."""
     full = random_target("qwen3_moe")
     root = tmp_path_factory.mktemp("fp8")
-    quantized = fp8.write_fp8_checkpoint(full, str(root / "fp8"), BLOCK)
-    return full, quantized, fp8.write_dequantized_checkpoint(quantized, str(root / "dequantized"))
+    quantized = write_fp8_checkpoint(full, str(root / "fp8"), BLOCK)
+    return full, quantized, write_dequantized_checkpoint(quantized, str(root / "dequantized"))
 
 
 # ---- block math ------------------------------------------------------------------------------
@@ -55,7 +109,7 @@ def test_rounding_error_is_half_an_e4m3_ulp(shape, block):
     assert q.dtype == torch.float8_e4m3fn
     assert list(scale_inv.shape) == [-(-shape[0] // block[0]), -(-shape[1] // block[1])]  # partial blocks count
     restored = fp8.dequantize_blocks(q, scale_inv, block)
-    bound = fp8.e4m3_rounding_bound(weight, scale_inv, block)
+    bound = e4m3_rounding_bound(weight, scale_inv, block)
     assert bool(((restored - weight).abs() <= bound * (1 + 1e-5) + 1e-12).all())
     assert float((restored - weight).abs().max()) > 0  # it is lossy: the bound is what is being tested
     # Every block's largest magnitude lands on the top of the e4m3 range.
@@ -81,30 +135,20 @@ def test_reader_dequantizes_any_slice_exactly(moe_dirs):
 # ---- the scales follow the weights under every slicing ----------------------------------------
 
 
-def _stub_loader(hf_dir: str, tp_rank, tp, ep_rank, ep, etp_rank, etp) -> WeightLoader:
-    """The loading rules of target/load.py for one rank of a layout, without building Megatron."""
-    hf = read_hf_config(hf_dir)
-    loader = WeightLoader.__new__(WeightLoader)
-    loader.reader = SafetensorsReader(hf_dir)
-    loader.family, loader.hf = family_for(hf), hf
-    loader.ranks = SimpleNamespace(tp_rank=tp_rank, tp_size=tp, ep_rank=ep_rank, ep_size=ep, etp_rank=etp_rank,
-                                   etp_size=etp)
-    loader.cfg = SimpleNamespace(num_attention_heads=hf["num_attention_heads"], num_query_groups=hf["num_key_value_heads"],
-                                 kv_channels=hf["head_dim"], num_moe_experts=hf.get("num_experts") or hf["num_local_experts"])
-    padded = -(-hf["vocab_size"] // tp) * tp
-    loader.stage = SimpleNamespace(vocab_size=hf["vocab_size"], padded_vocab_size=padded)
-    return loader
+def _block_ids(piece, number: int) -> torch.Tensor:
+    """Each element of ``piece`` labelled with the checkpoint block it comes from (``number``: the tensor)."""
+    br, bc = BLOCK
+    (r0, r1), (c0, c1) = piece.row_span, piece.col_span
+    rows, cols = torch.arange(r0, r1) // br, torch.arange(c0, c1) // bc
+    return (number << 40) + rows[:, None] * -(-piece.matrix[1] // bc) + cols[None, :]
 
 
-def _rank_tensors(loader: WeightLoader, layout: Layout):
-    """(name, thunk) for each weight-loading rule this rank runs on layer 1 (plus the embedding)."""
-    key, r = loader.family.hf_key, loader.ranks
-    yield "linear_qkv", lambda: loader.qkv(1)
-    yield "linear_proj", lambda: loader.row(key("o", 1), r.tp_rank, r.tp_size)
-    for e in range(loader.cfg.num_moe_experts // layout.ep):
-        yield f"experts.{e}.linear_fc1", lambda e=e: loader.expert(1, e, "linear_fc1")
-        yield f"experts.{e}.linear_fc2", lambda e=e: loader.expert(1, e, "linear_fc2")
-    yield "embedding", lambda: loader.vocab_rows(key("embed"))
+def _tiles_whole(ids: torch.Tensor) -> bool:
+    """Does every BLOCK-sized tile of a rank's tensor come from one checkpoint block?"""
+    br, bc = BLOCK
+    corner = ids[::br, ::bc]
+    rows, cols = ids.shape
+    return torch.equal(corner.repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols], ids)
 
 
 LAYOUTS = [Layout(), Layout(tp=2), Layout(ep=2), Layout(tp=2, ep=2), Layout(tp=2, ep=2, etp=1), Layout(ep=4),
@@ -113,39 +157,36 @@ LAYOUTS = [Layout(), Layout(tp=2), Layout(ep=2), Layout(tp=2, ep=2), Layout(tp=2
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_scales_follow_the_weights_under_every_slicing(moe_dirs, layout):
-    """Every rank of the layout, every rule: dequantized reads equal the same rule over the dequantised
-    checkpoint; the native FP8 pieces, with scales gathered per tile from the block ids, equal them too, or
-    (exactly when the analytic layout check says the layout cuts blocks) the load is refused."""
+    """Every rank of the layout, every linear shard of layer 1 (plus the embedding): dequantized reads equal
+    the same shard of the dequantised checkpoint; the native FP8 pieces with their own scales equal them too,
+    or (exactly when the layout check from the slice descriptions says the layout cuts blocks) some tile of
+    the rank's tensor mixes blocks, found from the data by labelling every element with its block."""
     full, quantized, dequantized = moe_dirs
     hf = read_hf_config(quantized)
     family = family_for(hf)
     cut = fp8.native_layout_problems(hf, family, layout, BLOCK)
-    refused = 0
+    ours, reference = SafetensorsReader(quantized), SafetensorsReader(dequantized)
+    numbers: dict[str, int] = {}
+    mixed = 0
     for tp_rank in range(layout.tp):
         for ep_rank in range(layout.ep):
             for etp_rank in range(layout.expert_tp):
-                ranks = (tp_rank, layout.tp, ep_rank, layout.ep, etp_rank, layout.expert_tp)
-                ours, reference = _stub_loader(quantized, *ranks), _stub_loader(dequantized, *ranks)
-                for (name, read), (_, read_reference) in zip(_rank_tensors(ours, layout), _rank_tensors(reference, layout)):
-                    expected = read_reference()
-                    assert torch.equal(read(), expected), f"{layout} rank {ranks}: {name} dequantized"
-                    with fp8.reading(ours.reader, "raw") as reads:
-                        payload = read()
-                        scaled = bool(reads.scaled_keys)
-                    if not scaled:  # the embedding
-                        assert name == "embedding" and torch.equal(payload, expected)
+                rules = ShardingRules(hf, family, layout, Coords(tp_rank, ep_rank, etp_rank))
+                names = [n for n in rules.layer_names(1) if rules.shard(n).linear] + ["embedding.word_embeddings.weight"]
+                for shard in map(rules.shard, names):
+                    where = f"{layout} rank {(tp_rank, ep_rank, etp_rank)}: {shard.name}"
+                    expected = assemble(shard, [reference.read_piece(p) for p in shard.pieces])
+                    assert torch.equal(assemble(shard, [ours.read_piece(p) for p in shard.pieces]), expected), where
+                    held = fp8_reads.read_native(ours, ours.fmt, shard, "test")
+                    if held is None:  # the embedding
+                        assert shard.name.startswith("embedding")
                         continue
-                    with fp8.reading(ours.reader, "blocks"):
-                        ids = read()
-                        try:
-                            scales = fp8.tile_scales(ours.reader, ids, name, "test")
-                        except UserError as exc:
-                            assert "cuts the checkpoint's blocks" in str(exc)
-                            refused += 1
-                            continue
-                    restored = fp8.dequantize_blocks(payload, scales, BLOCK)
-                    assert torch.equal(restored, expected), f"{layout} rank {ranks}: {name} native"
-    assert bool(refused) == bool(cut), f"{layout}: data-driven refusals {refused}, analytic problems {cut}"
+                    ids = assemble(shard, [_block_ids(p, numbers.setdefault(p.key, len(numbers))) for p in shard.pieces])
+                    if not _tiles_whole(ids):
+                        mixed += 1
+                        continue
+                    assert torch.equal(fp8.dequantize_blocks(*held, BLOCK), expected), f"{where} native"
+    assert bool(mixed) == bool(cut), f"{layout}: tiles mixing blocks {mixed}, problems from the descriptions {cut}"
 
 
 def test_native_layout_error_names_the_tensor_and_the_layouts_that_fit(moe_dirs):
@@ -154,12 +195,13 @@ def test_native_layout_error_names_the_tensor_and_the_layouts_that_fit(moe_dirs)
     family = family_for(hf)
     fmt = fp8.checkpoint_format(hf)
     fp8.check_native_layout(hf, family, Layout(tp=2, ep=2), fmt, "config.json")
-    with pytest.raises(UserError, match=r"layout TP2×ETP4 would cut them: mlp.experts.\*.gate_proj pieces of 8 rows "
-                                        r"\(moe_intermediate_size over this layout\).*layouts that keep whole blocks "
+    with pytest.raises(UserError, match=r"layout TP2×ETP4 would cut them: model.layers.0.mlp.experts.0.gate_proj.weight rows "
+                                        r"\[0, 8\) of 32 do not start and end on the 16-row blocks.*layouts that keep whole blocks "
                                         r"\(same pp/ep\): tp=1 etp=1, tp=2 etp=1, tp=2 etp=2.*target.fp8=dequantize"):
         fp8.check_native_layout(hf, family, Layout(tp=2, etp=4), fmt, "config.json")
     # 32-row blocks cut the interleaved [q_g | k_g | v_g] rows (16-row k and v) at any TP.
-    with pytest.raises(UserError, match=r"self_attn.k_proj pieces of 16 rows \(head_dim over this layout\).*"
+    with pytest.raises(UserError, match=r"model.layers.0.self_attn.k_proj.weight rows \[0, 16\) of 32 do not start and end on the "
+                                        r"32-row blocks.*"
                                         r"no tp/etp keeps whole blocks"):
         fp8.check_native_layout(hf, family, Layout(), fp8.BlockFp8((32, 16)), "config.json")
 
@@ -173,8 +215,8 @@ def test_deepseek_latent_down_projection_cannot_stay_fp8_under_tp():
     family.check(hf, "config.json")  # the block-FP8 release is accepted now
     fmt = fp8.checkpoint_format(hf)
     fp8.check_native_layout(hf, family, Layout(ep=2), fmt, "config.json")
-    with pytest.raises(UserError, match=r"self_attn.kv_a_proj_with_mqa pieces of 20 rows \(kv_lora_rank \+ "
-                                        r"qk_rope_head_dim over this layout\).*tp=1 etp=1"):
+    with pytest.raises(UserError, match=r"self_attn.kv_a_proj_with_mqa.weight rows \[20, 40\) of 40 do not start and end "
+                                        r"on the 8-row blocks.*tp=1 etp=1"):
         fp8.check_native_layout(hf, family, Layout(tp=2, ep=2), fmt, "config.json")
 
 

@@ -7,7 +7,7 @@ A family is a small class (one file per family, siblings look alike):
 * ``hf_key(kind, layer, expert)``: the HF tensor name(s) behind one Megatron parameter kind.
 
 The sharding rules (which slice of which HF tensor a rank loads) do not depend on the family and
-live in ``target/load.py``; a family only names tensors.
+live in ``target/sharding.py``; a family only names tensors.
 """
 
 from __future__ import annotations

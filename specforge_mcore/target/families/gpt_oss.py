@@ -12,8 +12,8 @@
   default softmax router), experts with biases and a clamped SwiGLU
   ``(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=l)``: Megatron's
   ``activation_func_clamp_value`` and ``glu_linear_offset=1`` around our ``alpha`` activation. HF stores
-  the experts stacked ([E, in, out]) with gate and up interleaved column by column; ``target/load.py``
-  un-interleaves them on load.
+  the experts stacked ([E, in, out]) with gate and up interleaved column by column; ``target/sharding.py``
+  describes each expert as one transposed entry to un-interleave on load.
 
 Megatron-Core supports expert biases only with expert tensor parallel size 1, so layouts must say etp=1.
 The released checkpoints are MXFP4-quantised; those are refused (dequantize to bf16 first).
