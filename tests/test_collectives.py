@@ -4,7 +4,6 @@ tensor is on over whatever backend its group has."""
 import ast
 import pathlib
 
-import pytest
 import torch
 
 from specforge_mcore import collectives

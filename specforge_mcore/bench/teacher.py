@@ -68,7 +68,6 @@ def main(args: argparse.Namespace) -> int:
         title = (f"teacher (argmax over V + draft logits): T={args.tokens} Ht={args.hidden} V={vocab} "
                  f"Vd={len(draft_ids)} {str(dtype).replace('torch.', '')} impl={args.impl}")
         results[vocab] = (rows, report(title, rows, fast="fused", reference="reference", device=device))
-        del weight
     if len(results) > 1:
         small, large = min(results), max(results)
         fused_small, fused_large = results[small][0][0], results[large][0][0]
