@@ -283,7 +283,9 @@ def regenerate(inputs: Sequence[str], output: str, backend: Backend, *, max_samp
     stopped = False
     records, rejections = Appender(output), Appender(rejected_path)
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="regenerate", unit="conv", mininterval=0.5, disable=not progress)
+    # conv/s even below one per second (tqdm's default turns that into s/conv); tok/s in the postfix
+    bar = tqdm(total=len(todo), desc="regenerate", unit="conv", mininterval=0.5, disable=not progress,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
 
     def take(outcome: Outcome) -> None:
         nonlocal turns, tokens, consecutive_failures, stopped
