@@ -1,18 +1,18 @@
 """Fused draft head + TTT loss for one TTT step, without a ``[T, Vd]`` logits tensor kept for backward.
 
     z      = rms_norm(o, norm) @ lm_head.T                    draft logits (fp32 accumulation)
-    p      = softmax(teacher logits)   or the given probs    teacher over the draft vocabulary
+    p      = softmax(teacher_hidden @ teacher_weight.T)      teacher over the draft vocabulary
     loss   = weight * sum_{t: mask} -sum_v p[t, v] * log_softmax(z[t])[v]
     hits[t] = mask[t] and argmax z[t] == argmax teacher[t]     (correct = the number of hits)
 
-The per-position loss is rewritten as ``sum(p) * lse(z) - sum_v p_v z_v``, so a pass over the vocabulary
+The per-position loss is rewritten as ``lse(z) - sum_v p_v z_v``, so a pass over the vocabulary
 needs only running values per token: the max and sum-exp of z (online logsumexp), of the teacher logits,
 the p-weighted sum of z, and the two running argmaxes. Backward keeps those per-token statistics and
-recomputes logits tile by tile: ``dz = coef * (softmax(z) * sum(p) - p)``.
+recomputes logits tile by tile: ``dz = coef * (softmax(z) - p)``.
 
-The teacher is either (a) ``teacher_probs [T, Vd]`` or (b) ``teacher_hidden [T, Ht]`` with
-``teacher_weight [Vd, Ht]`` (the t2d rows of the target's output layer), whose logits are then formed in
-the same tiles as the draft's (two GEMMs, two online softmaxes, one pass over Vd). The teacher gets no
+The teacher is ``teacher_hidden [T, Ht]`` (the target's final hidden state) with ``teacher_weight [Vd, Ht]``
+(the t2d rows of the target's output layer); its logits are formed in the same tiles as the draft's (two
+GEMMs, two online softmaxes, one pass over Vd), never as a ``[T, Vd]`` tensor. The teacher gets no
 gradient (the target is frozen).
 
 Paths: ``ttt_step_loss_reference`` (materialised logits: the spec), ``ttt_step_loss_chunked`` (CPU: token
@@ -22,7 +22,7 @@ statistics, a Triton kernel that writes one token chunk's dz, cuBLAS for dx and 
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -36,22 +36,16 @@ Weight = Union[float, torch.Tensor]
 
 @autocast_off
 def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
-                            position_mask: torch.Tensor, weight: Weight, *,
-                            teacher_probs: Optional[torch.Tensor] = None,
-                            teacher_hidden: Optional[torch.Tensor] = None,
-                            teacher_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            position_mask: torch.Tensor, weight: Weight, *, teacher_hidden: torch.Tensor,
+                            teacher_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum, hits) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
     Computes in ``o``'s dtype (the head's weights cast to it; the teacher's GEMM in teacher_hidden's), with
     or without autocast around it."""
     norm_weight, lm_head_weight = in_dtype(norm_weight, o.dtype), in_dtype(lm_head_weight, o.dtype)
     logits = (rms_norm(o, norm_weight, eps) @ lm_head_weight.t()).float()
-    if teacher_probs is not None:
-        probs = teacher_probs.float()
-        teacher_choice = probs.argmax(-1)
-    else:
-        teacher_logits = (teacher_hidden @ in_dtype(teacher_weight, teacher_hidden.dtype).t()).float()
-        probs = torch.softmax(teacher_logits, -1)
-        teacher_choice = teacher_logits.argmax(-1)
+    teacher_logits = (teacher_hidden @ in_dtype(teacher_weight, teacher_hidden.dtype).t()).float()
+    probs = torch.softmax(teacher_logits, -1)
+    teacher_choice = teacher_logits.argmax(-1)
     per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1)
     mask = position_mask.bool()
     loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
@@ -59,7 +53,7 @@ def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_
     return loss_sum, hits
 
 
-def _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher_hidden, teacher_weight) -> None:
+def _check(o, norm_weight, lm_head_weight, position_mask, teacher_hidden, teacher_weight) -> None:
     H = o.shape[-1]
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
         raise ValueError(f"ttt loss: lm_head.weight has shape {tuple(lm_head_weight.shape)}, expected [Vd, {H}]")
@@ -69,22 +63,14 @@ def _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher
     if position_mask.shape != o.shape[:-1]:
         raise ValueError(f"ttt loss: position_mask has shape {tuple(position_mask.shape)}, "
                          f"expected {tuple(o.shape[:-1])}")
-    if (teacher_probs is None) == (teacher_hidden is None):
-        raise ValueError("ttt loss: give the teacher as teacher_probs or as teacher_hidden + teacher_weight, not both")
-    if teacher_probs is not None:
-        if teacher_probs.shape != (*o.shape[:-1], vocab):
-            raise ValueError(f"ttt loss: teacher_probs has shape {tuple(teacher_probs.shape)}, "
-                             f"expected {(*o.shape[:-1], vocab)}")
-        teachers = [teacher_probs]
-    else:
-        if teacher_weight is None or teacher_weight.dim() != 2 or teacher_weight.shape[0] != vocab:
-            raise ValueError(f"ttt loss: teacher_weight must be [{vocab}, Ht] "
-                             "(the t2d rows of the target's output layer)")
-        if teacher_hidden.shape != (*o.shape[:-1], teacher_weight.shape[1]):
-            raise ValueError(f"ttt loss: teacher_hidden has shape {tuple(teacher_hidden.shape)}, "
-                             f"expected {(*o.shape[:-1], teacher_weight.shape[1])}")
-        teachers = [teacher_hidden, teacher_weight]
-    if any(t.requires_grad for t in teachers):
+    if teacher_weight is None or teacher_weight.dim() != 2 or teacher_weight.shape[0] != vocab:
+        raise ValueError(f"ttt loss: teacher_weight must be [{vocab}, Ht] "
+                         "(the t2d rows of the target's output layer)")
+    if teacher_hidden is None or teacher_hidden.shape != (*o.shape[:-1], teacher_weight.shape[1]):
+        got = tuple(teacher_hidden.shape) if teacher_hidden is not None else None
+        raise ValueError(f"ttt loss: teacher_hidden has shape {got}, "
+                         f"expected {(*o.shape[:-1], teacher_weight.shape[1])}")
+    if teacher_hidden.requires_grad or teacher_weight.requires_grad:
         raise ValueError("ttt loss: the teacher comes from the frozen target and must not require grad")
 
 
@@ -93,7 +79,7 @@ def _compute_dtype(ctx, o, norm_weight, lm_head_weight, teacher_hidden, teacher_
     teacher hidden's; the parameters' own dtypes are kept on ``ctx`` for the gradients backward returns."""
     ctx.weight_dtypes = (norm_weight.dtype, lm_head_weight.dtype)
     return (in_dtype(norm_weight, o.dtype), in_dtype(lm_head_weight, o.dtype),
-            in_dtype(teacher_weight, teacher_hidden.dtype) if teacher_hidden is not None else teacher_weight)
+            in_dtype(teacher_weight, teacher_hidden.dtype))
 
 
 def _coefficients(grad_loss: torch.Tensor, weight: Weight, position_mask: torch.Tensor) -> torch.Tensor:
@@ -106,10 +92,8 @@ def _coefficients(grad_loss: torch.Tensor, weight: Weight, position_mask: torch.
 # ----------------------------------------------------------------------------------------------
 
 
-def _chunk_teacher(rows: torch.Tensor, teacher_probs, teacher_hidden, teacher_weight) -> torch.Tensor:
-    """The teacher rows ``rows`` as a fresh fp32 tensor: probabilities, or logits in hidden mode."""
-    if teacher_probs is not None:
-        return teacher_probs.index_select(0, rows).float()
+def _chunk_teacher(rows: torch.Tensor, teacher_hidden, teacher_weight) -> torch.Tensor:
+    """The teacher's logits at ``rows`` as a fresh fp32 tensor."""
     return (teacher_hidden.index_select(0, rows) @ teacher_weight.t()).float()
 
 
@@ -134,43 +118,36 @@ class _TTTLossChunked(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
-                teacher_probs, teacher_hidden, teacher_weight):
+                teacher_hidden, teacher_weight):
         norm_weight, lm_head_weight, teacher_weight = _compute_dtype(ctx, o, norm_weight, lm_head_weight,
                                                                      teacher_hidden, teacher_weight)
-        probs_mode = teacher_probs is not None
         valid = torch.nonzero(position_mask).squeeze(1)
         lse = torch.empty(len(valid), dtype=torch.float32, device=o.device)
-        # probs mode: sum_v p (not exactly 1 for bf16 probs); hidden mode: the teacher's logsumexp.
-        teacher_stat = torch.empty_like(lse)
+        teacher_lse = torch.empty_like(lse)
         total = torch.zeros((), dtype=torch.float32, device=o.device)
         hits = torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)
         for c0 in range(0, len(valid), chunk):
             rows, span = valid[c0:c0 + chunk], slice(c0, c0 + chunk)
             # Two [chunk, Vd] fp32 buffers, the draft's and the teacher's, transformed in place.
             logits = (rms_norm(o.index_select(0, rows), norm_weight, eps) @ lm_head_weight.t()).float()
-            teacher = _chunk_teacher(rows, teacher_probs, teacher_hidden, teacher_weight)
+            teacher = _chunk_teacher(rows, teacher_hidden, teacher_weight)
             hits[rows] = logits.argmax(-1) == teacher.argmax(-1)
-            if probs_mode:
-                teacher_stat[span] = probs_sum = teacher.sum(-1)
-            else:
-                teacher_stat[span] = _softmax_(teacher)
-                probs_sum = 1.0
-            # sum_v p log_softmax(z)_v = sum(p) * lse(z) - sum_v p_v z_v
+            teacher_lse[span] = _softmax_(teacher)
+            # sum_v p log_softmax(z)_v = lse(z) - sum_v p_v z_v  (sum_v p_v = 1)
             cross = teacher.mul_(logits).sum(-1)
             lse[span] = _logsumexp_(logits)
-            total += (probs_sum * lse[span] - cross).sum()
+            total += (lse[span] - cross).sum()
             del logits, teacher  # before the next chunk's are allocated, not after
-        ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
-        ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_stat,
-                              *((teacher_probs,) if probs_mode else (teacher_hidden, teacher_weight)))
+        ctx.eps, ctx.chunk, ctx.weight = eps, chunk, weight
+        ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_lse, teacher_hidden,
+                              teacher_weight)
         ctx.mark_non_differentiable(hits)
         return weight * total, hits
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_loss, _grad_hits):
-        o, norm_weight, lm_head_weight, valid, lse, teacher_stat, *teacher = ctx.saved_tensors
-        teacher_args = (teacher[0], None, None) if ctx.probs_mode else (None, *teacher)
+        o, norm_weight, lm_head_weight, valid, lse, teacher_lse, teacher_hidden, teacher_weight = ctx.saved_tensors
         need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
         coef = grad_loss.float() * ctx.weight  # the same for every position inside the mask
         H = o.shape[1]
@@ -182,13 +159,9 @@ class _TTTLossChunked(torch.autograd.Function):
             o_c = o.index_select(0, rows)
             rstd = rms_norm_rstd(o_c, ctx.eps)
             normed = (o_c.float() * rstd[:, None]).to(o.dtype) * norm_weight
-            # dz = coef * (softmax(z) * sum(p) - p), built in place in the recomputed logits buffer.
+            # dz = coef * (softmax(z) - p), built in place in the recomputed logits buffer.
             d_logits = (normed @ lm_head_weight.t()).float().sub_(lse[span, None]).exp_()
-            teacher_c = _chunk_teacher(rows, *teacher_args)
-            if ctx.probs_mode:
-                d_logits.mul_(teacher_stat[span, None])
-            else:
-                teacher_c.sub_(teacher_stat[span, None]).exp_()
+            teacher_c = _chunk_teacher(rows, teacher_hidden, teacher_weight).sub_(teacher_lse[span, None]).exp_()
             d_logits = d_logits.sub_(teacher_c).mul_(coef).to(o.dtype)
             del teacher_c
             if need_head:
@@ -200,15 +173,15 @@ class _TTTLossChunked(torch.autograd.Function):
                     d_o.index_copy_(0, rows, d_o_c)
             del d_logits  # before the next chunk's is allocated, not after
         return (None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
-                d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None, None)
+                d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None)
 
 
-def ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
-                          teacher_hidden=None, teacher_weight=None, chunk_tokens: int = 1024):
+def ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_hidden,
+                          teacher_weight, chunk_tokens: int = 1024):
     """The CPU path: chunks of ``chunk_tokens`` positions inside the mask, per-position statistics saved,
     logits recomputed in backward."""
     return _TTTLossChunked.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
-                                 teacher_probs, teacher_hidden, teacher_weight)
+                                 teacher_hidden, teacher_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,14 +218,14 @@ if triton is not None:
         return acc.to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _ttt_loss_fwd_kernel(O, RSTD, NW, WL, TP, TH, TW, STATS, CHOICE, T, H, HT, VD, v_per_split,
-                             stride_o, stride_wl, stride_tp, stride_th, stride_tw,
-                             TEACHER_HIDDEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    def _ttt_loss_fwd_kernel(O, RSTD, NW, WL, TH, TW, STATS, CHOICE, T, H, HT, VD, v_per_split,
+                             stride_o, stride_wl, stride_th, stride_tw,
+                             UPCAST: tl.constexpr, PREC: tl.constexpr,
                              TPREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
         """Per (token block, vocab split): online statistics of draft and teacher over the split's columns.
 
-        STATS[:, split, t] = (max z, sum exp(z - max), best z, teacher max, teacher sum-exp or sum p,
-        p-weighted sum of z (relative to the teacher max)), CHOICE[:, split, t] = (argmax z, argmax teacher).
+        STATS[:, split, t] = (max z, sum exp(z - max), teacher max, teacher sum-exp, teacher-weighted sum of
+        z (relative to the teacher max), best teacher logit), CHOICE[:, split, t] = (argmax z, argmax teacher).
         """
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -282,28 +255,18 @@ if triton is not None:
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
             m = m_new
             z0 = tl.where(col_ok[None, :], z, 0.0)
-            if TEACHER_HIDDEN:
-                tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
-                                  False, UPCAST, TPREC, BT, BV, BK)
-                tz = tl.where(col_ok[None, :], tz, float("-inf"))
-                t_max, t_arg = tl.max(tz, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                t_idx = tl.where(t_max > t_best, v0 + t_arg, t_idx)
-                t_best = tl.maximum(t_best, t_max)
-                t_new = tl.maximum(t_m, t_max)
-                scale = tl.exp(t_m - t_new)
-                e = tl.exp(tz - t_new[:, None])
-                t_s = t_s * scale + tl.sum(e, axis=1)
-                cross = cross * scale + tl.sum(e * z0, axis=1)
-                t_m = t_new
-            else:
-                p = tl.load(TP + rows.to(tl.int64)[:, None] * stride_tp + cols[None, :],
-                            mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-                t_max, t_arg = tl.max(tl.where(col_ok[None, :], p, float("-inf")), axis=1, return_indices=True,
-                                      return_indices_tie_break_left=True)
-                t_idx = tl.where(t_max > t_best, v0 + t_arg, t_idx)
-                t_best = tl.maximum(t_best, t_max)
-                t_s += tl.sum(p, axis=1)
-                cross += tl.sum(p * z0, axis=1)
+            tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
+                              False, UPCAST, TPREC, BT, BV, BK)
+            tz = tl.where(col_ok[None, :], tz, float("-inf"))
+            t_max, t_arg = tl.max(tz, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            t_idx = tl.where(t_max > t_best, v0 + t_arg, t_idx)
+            t_best = tl.maximum(t_best, t_max)
+            t_new = tl.maximum(t_m, t_max)
+            scale = tl.exp(t_m - t_new)
+            e = tl.exp(tz - t_new[:, None])
+            t_s = t_s * scale + tl.sum(e, axis=1)
+            cross = cross * scale + tl.sum(e * z0, axis=1)
+            t_m = t_new
         base = split * T + rows
         plane = n_splits * T
         tl.store(STATS + base, m, mask=row_ok)
@@ -316,11 +279,11 @@ if triton is not None:
         tl.store(CHOICE + plane + base, t_idx, mask=row_ok)
 
     @triton.jit
-    def _ttt_loss_dlogits_kernel(O, RSTD, NW, WL, TP, TH, TW, LSE, TSTAT, COEF, DZ, T, H, HT, VD,
-                                 stride_o, stride_wl, stride_tp, stride_th, stride_tw, stride_dz,
-                                 TEACHER_HIDDEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    def _ttt_loss_dlogits_kernel(O, RSTD, NW, WL, TH, TW, LSE, TLSE, COEF, DZ, T, H, HT, VD,
+                                 stride_o, stride_wl, stride_th, stride_tw, stride_dz,
+                                 UPCAST: tl.constexpr, PREC: tl.constexpr,
                                  TPREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-        """dz = coef * (softmax(z) * sum(p) - p) for one tile, logits recomputed from o (and the teacher)."""
+        """dz = coef * (softmax(z) - p) for one tile, logits recomputed from o and the teacher."""
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         cols = tl.program_id(1) * BV + tl.arange(0, BV)
         row_ok = rows < T
@@ -329,17 +292,13 @@ if triton is not None:
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-        t_stat = tl.load(TSTAT + rows, mask=row_ok, other=0.0)
+        t_lse = tl.load(TLSE + rows, mask=row_ok, other=0.0)
         z = _logits_tile(O, stride_o, rows, row_ok, rstd, NW, WL, stride_wl, cols, col_ok, H,
                          True, UPCAST, PREC, BT, BV, BK)
         q = tl.exp(z - lse[:, None])
-        if TEACHER_HIDDEN:
-            tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
-                              False, UPCAST, TPREC, BT, BV, BK)
-            dz = q - tl.exp(tz - t_stat[:, None])
-        else:
-            p = tl.load(TP + rows.to(tl.int64)[:, None] * stride_tp + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            dz = q * t_stat[:, None] - p
+        tz = _logits_tile(TH, stride_th, rows, row_ok, rstd, NW, TW, stride_tw, cols, col_ok, HT,
+                          False, UPCAST, TPREC, BT, BV, BK)
+        dz = q - tl.exp(tz - t_lse[:, None])
         dz = dz * coef[:, None]
         tl.store(DZ + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=ok)
 
@@ -357,14 +316,13 @@ if triton is not None:
         @staticmethod
         @autocast_off
         def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
-                    teacher_probs, teacher_hidden, teacher_weight):
+                    teacher_hidden, teacher_weight):
             norm_weight, lm_head_weight, teacher_weight = _compute_dtype(ctx, o, norm_weight, lm_head_weight,
                                                                          teacher_hidden, teacher_weight)
             norm_weight, lm_head_weight = norm_weight.contiguous(), lm_head_weight.contiguous()
-            teacher_weight = teacher_weight.contiguous() if teacher_weight is not None else None
+            th, tw = teacher_hidden, teacher_weight.contiguous()
             T, H = o.shape
             vocab = lm_head_weight.shape[0]
-            probs_mode = teacher_probs is not None
             rstd = row_rstd_triton(o, eps)
             opts = launch_options(o.device, **_LOSS_BLOCKS)
             token_blocks = triton.cdiv(T, opts["BT"])
@@ -373,41 +331,33 @@ if triton is not None:
             n_splits = triton.cdiv(vocab, v_per_split)  # no empty split
             stats = torch.empty(6, n_splits, T, device=o.device, dtype=torch.float32)
             choice = torch.empty(2, n_splits, T, device=o.device, dtype=torch.int32)
-            th = teacher_hidden if not probs_mode else o
-            tw = teacher_weight if not probs_mode else lm_head_weight
-            tp = teacher_probs if probs_mode else o
             _ttt_loss_fwd_kernel[(token_blocks, n_splits)](
-                o, rstd, norm_weight, lm_head_weight, tp, th, tw, stats, choice, T, H, th.shape[1], vocab,
-                v_per_split, o.stride(0), lm_head_weight.stride(0), tp.stride(0), th.stride(0), tw.stride(0),
-                TEACHER_HIDDEN=not probs_mode, UPCAST=INTERPRET, PREC=dot_precision(o.dtype),
-                TPREC=dot_precision(th.dtype), **opts)
+                o, rstd, norm_weight, lm_head_weight, th, tw, stats, choice, T, H, th.shape[1], vocab,
+                v_per_split, o.stride(0), lm_head_weight.stride(0), th.stride(0), tw.stride(0),
+                UPCAST=INTERPRET, PREC=dot_precision(o.dtype), TPREC=dot_precision(th.dtype), **opts)
             m, s, t_m, t_s, cross, t_best = stats.unbind(0)
             top = m.max(0).values
             lse = top + torch.log((s * torch.exp(m - top)).sum(0))
-            if probs_mode:
-                teacher_stat = t_s.sum(0)  # sum of p
-                per_position = teacher_stat * lse - cross.sum(0)
-            else:
-                t_top = t_m.max(0).values
-                rescale = torch.exp(t_m - t_top)
-                t_sum = (t_s * rescale).sum(0)
-                teacher_stat = t_top + torch.log(t_sum)  # the teacher's logsumexp
-                per_position = lse - (cross * rescale).sum(0) / t_sum
+            t_top = t_m.max(0).values
+            rescale = torch.exp(t_m - t_top)
+            t_sum = (t_s * rescale).sum(0)
+            teacher_lse = t_top + torch.log(t_sum)
+            per_position = lse - (cross * rescale).sum(0) / t_sum
             # The split holding the best value wins; argmax takes the first split on ties, i.e. the lower id.
             draft_choice = choice[0].gather(0, m.argmax(0, keepdim=True))[0]
             teacher_choice = choice[1].gather(0, t_best.argmax(0, keepdim=True))[0]
             mask = position_mask.bool()
             loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
             hits = (draft_choice == teacher_choice) & mask
-            ctx.eps, ctx.chunk, ctx.weight, ctx.probs_mode = eps, chunk, weight, probs_mode
-            ctx.save_for_backward(o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw)
+            ctx.eps, ctx.chunk, ctx.weight = eps, chunk, weight
+            ctx.save_for_backward(o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_lse, th, tw)
             ctx.mark_non_differentiable(hits)
             return loss_sum, hits
 
         @staticmethod
         @autocast_off
         def backward(ctx, grad_loss, _grad_hits):
-            o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_stat, tp, th, tw = ctx.saved_tensors
+            o, norm_weight, lm_head_weight, mask, rstd, lse, teacher_lse, th, tw = ctx.saved_tensors
             need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
             coef = _coefficients(grad_loss, ctx.weight, mask).contiguous()
             T, H = o.shape
@@ -421,14 +371,11 @@ if triton is not None:
                 o_c = o[rows]
                 n = o_c.shape[0]
                 d_logits = torch.empty(n, vocab, device=o.device, dtype=o.dtype)
-                tp_c = tp[rows] if ctx.probs_mode else tp
-                th_c = th[rows] if not ctx.probs_mode else th
                 _ttt_loss_dlogits_kernel[(triton.cdiv(n, opts["BT"]), triton.cdiv(vocab, opts["BV"]))](
-                    o_c, rstd[rows], norm_weight, lm_head_weight, tp_c, th_c, tw, lse[rows], teacher_stat[rows],
+                    o_c, rstd[rows], norm_weight, lm_head_weight, th[rows], tw, lse[rows], teacher_lse[rows],
                     coef[rows], d_logits, n, H, th.shape[1], vocab, o.stride(0), lm_head_weight.stride(0),
-                    tp.stride(0), th.stride(0), tw.stride(0), d_logits.stride(0),
-                    TEACHER_HIDDEN=not ctx.probs_mode, UPCAST=INTERPRET, PREC=dot_precision(o.dtype),
-                    TPREC=dot_precision(th.dtype), **opts)
+                    th.stride(0), tw.stride(0), d_logits.stride(0),
+                    UPCAST=INTERPRET, PREC=dot_precision(o.dtype), TPREC=dot_precision(th.dtype), **opts)
                 if need_head:
                     accumulate_mm(d_head, d_logits.t(), rms_norm_triton(o_c, norm_weight, ctx.eps)[0])
                 if need_o or need_norm:
@@ -438,34 +385,32 @@ if triton is not None:
                     if need_o:
                         d_o[rows] = d_o_c
             return (None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
-                    d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None, None)
+                    d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None)
 
 
-def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_probs=None,
-                         teacher_hidden=None, teacher_weight=None, chunk_tokens: int = 1024):
+def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_hidden,
+                         teacher_weight, chunk_tokens: int = 1024):
     """The CUDA path (or CPU under TRITON_INTERPRET=1); ``chunk_tokens`` bounds backward's dz buffer."""
     check_impl("triton", o.device, "loss")
-    o, teacher_probs, teacher_hidden = [t.contiguous() if t is not None else None
-                                        for t in (o, teacher_probs, teacher_hidden)]
-    return _TTTLossTriton.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
-                                teacher_probs, teacher_hidden, teacher_weight)
+    return _TTTLossTriton.apply(eps, chunk_tokens, weight, o.contiguous(), norm_weight, lm_head_weight,
+                                position_mask.bool(), teacher_hidden.contiguous(), teacher_weight)
 
 
 def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
-                        position_mask: torch.Tensor, weight: Weight, *, teacher_probs: Optional[torch.Tensor] = None,
-                        teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
-                        impl: str = "auto", chunk_tokens: int = 1024, return_hits: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss_sum fp32 scalar, correct int64 scalar) of one TTT step; ``o`` is ``[..., H]``, the mask ``[...]``.
+                        position_mask: torch.Tensor, weight: Weight, *, teacher_hidden: torch.Tensor,
+                        teacher_weight: torch.Tensor, impl: str = "auto", chunk_tokens: int = 1024,
+                        return_hits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum fp32 scalar, correct int64 scalar) of one TTT step; ``o`` is ``[..., H]``, the mask ``[...]``,
+    the teacher the target's final hidden state ``[..., Ht]`` and the t2d rows of its output layer ``[Vd, Ht]``.
     ``return_hits``: instead of the count, the bool ``[...]`` of positions inside the mask where the draft's
     argmax equals the teacher's (per-position acceptance, for the chained acceptance estimate).
 
     ``weight`` scales the masked sum (the caller passes ``decay**i / valid_count_i``).
     ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
     """
-    _check(o, norm_weight, lm_head_weight, position_mask, teacher_probs, teacher_hidden, teacher_weight)
+    _check(o, norm_weight, lm_head_weight, position_mask, teacher_hidden, teacher_weight)
     path = check_impl(impl, o.device, "loss")
-    teacher = dict(teacher_probs=teacher_probs, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
     if path == "reference":
         loss, hits = ttt_step_loss_reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, **teacher)
         return loss, (hits if return_hits else hits.sum())
@@ -475,10 +420,7 @@ def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     lead = position_mask.shape
     o = o.reshape(-1, H)
     position_mask = position_mask.reshape(-1)
-    if teacher_probs is not None:
-        teacher["teacher_probs"] = teacher_probs.reshape(o.shape[0], -1)
-    else:
-        teacher["teacher_hidden"] = teacher_hidden.reshape(o.shape[0], -1)
+    teacher["teacher_hidden"] = teacher_hidden.reshape(o.shape[0], -1)
     fn = ttt_step_loss_triton if path == "triton" else ttt_step_loss_chunked
     loss, hits = fn(o, norm_weight, lm_head_weight, eps, position_mask, weight, chunk_tokens=chunk_tokens, **teacher)
     return loss, (hits.reshape(lead) if return_hits else hits.sum())

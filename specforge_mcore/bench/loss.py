@@ -9,10 +9,8 @@ Liger kind (loss and gradients computed chunk by chunk during forward, gradients
 runs in the same table, and so does a "gradient floor": a loss with the same gradients and no logits,
 the memory any implementation needs; the working memory above it is printed as well.
 
-``--teacher hidden``: the teacher enters as the target's final hidden state + the t2d rows of its output
-layer, teacher logits formed inside the loss. ``--teacher probs``: the teacher's draft-vocab probabilities
-``[T, Vd]`` are formed once per iteration (inside the measured region, as the trainer would have to) and
-every step reads them. ``--teacher both`` runs the two one after the other (the (a)/(b) decision).
+The teacher enters as the trainer hands it: the target's final hidden state + the t2d rows of its output
+layer, the teacher's logits formed inside the loss.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=32000, help="draft vocabulary Vd")
     parser.add_argument("--steps", type=int, default=7, help="TTT steps S")
     parser.add_argument("--impl", choices=["auto", "chunked", "triton"], default="auto", help="the fused path")
-    parser.add_argument("--teacher", choices=["hidden", "probs", "both"], default="hidden")
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--valid-fraction", type=float, default=0.7,
                         help="share of positions inside the position mask (assistant tokens whose target argmax "
@@ -87,7 +84,7 @@ def liger_style_step_loss(o, norm_weight, lm_head_weight, eps, position_mask, we
                                  position_mask, weight, chunk_tokens)
 
 
-def _run_mode(args, device, dtype, teacher_mode: str) -> tuple[list[Measurement], str]:
+def _run(args, device, dtype) -> tuple[list[Measurement], str]:
     tokens, hidden, vocab, steps = args.tokens, args.hidden, args.vocab, args.steps
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -103,16 +100,10 @@ def _run_mode(args, device, dtype, teacher_mode: str) -> tuple[list[Measurement]
     masks = [torch.rand(tokens, generator=gen).to(device) < args.valid_fraction for _ in range(steps)]
     weights = [0.8 ** i / max(int(m.sum()), 1) for i, m in enumerate(masks)]
     leaves = [*outputs, norm_weight, lm_head]
-    with_probs = teacher_mode == "probs"
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
 
     def unroll(step_loss: Callable) -> Callable[[], object]:
         def run():
-            if with_probs:  # (a): the teacher's probabilities are formed once and read by every step
-                with torch.no_grad():
-                    probs = torch.softmax((teacher_hidden @ teacher_weight.t()).float(), -1)
-                teacher = dict(teacher_probs=probs)
-            else:
-                teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
             total = 0
             for i in range(steps):
                 loss = step_loss(outputs[i], norm_weight, lm_head, EPS, masks[i], weights[i], **teacher)
@@ -133,12 +124,12 @@ def _run_mode(args, device, dtype, teacher_mode: str) -> tuple[list[Measurement]
         paths["fused"] = lambda *a, **k: fused_ttt_step_loss(*a, impl=args.impl, chunk_tokens=args.chunk_tokens, **k)
     if "reference" in wanted:
         paths["reference"] = ttt_step_loss_reference
-    if "liger" in wanted and not with_probs:
+    if "liger" in wanted:
         paths["liger-style chunked FLCE"] = lambda *a, **k: liger_style_step_loss(*a, chunk_tokens=args.chunk_tokens,
                                                                                    **k)
     paths["gradient floor"] = gradient_floor
     rows = [_measure(name, unroll(fn), device, args) for name, fn in paths.items()]
-    title = (f"draft head + TTT loss fwd+bwd over {steps} steps, teacher={teacher_mode}: T={tokens} H={hidden} "
+    title = (f"draft head + TTT loss fwd+bwd over {steps} steps: T={tokens} H={hidden} "
              f"Vd={vocab} {str(dtype).replace('torch.', '')} valid={args.valid_fraction:g} chunk={args.chunk_tokens} "
              f"impl={args.impl}")
     return rows, title
@@ -171,30 +162,17 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
-    modes = ["probs", "hidden"] if args.teacher == "both" else [args.teacher]
     peak_memory_bytes(lambda: None, device)  # the profiler's one-time start-up must not land on a path
-    fused_by_mode, ratio = {}, None
-    for mode in modes:
-        rows, title = _run_mode(args, device, dtype, mode)
-        by_name = {row.name: row for row in rows}
-        if "fused" in by_name and "reference" in by_name:
-            floor = by_name["gradient floor"].peak_bytes
-            fused_work = by_name["fused"].peak_bytes - floor
-            ref_work = by_name["reference"].peak_bytes - floor
-            print(f"[{mode}] working memory above the gradient floor ({floor / 2**20:.1f} MiB: the outputs' and "
-                  f"weights' gradients): fused {fused_work / 2**20:.1f} MiB, reference {ref_work / 2**20:.1f} MiB, "
-                  f"ratio {fused_work / max(ref_work, 1):.4f}")
-            ratio = report(title, rows, fast="fused", reference="reference", device=device)
-        else:
-            _print_rows(title, rows)
-        if "fused" in by_name:
-            fused_by_mode[mode] = by_name["fused"]
-    if len(fused_by_mode) == 2:
-        a, b = fused_by_mode["probs"], fused_by_mode["hidden"]
-        _print_rows("fused path, teacher input (a) probs vs (b) hidden + t2d rows",
-                    [Measurement("(a) probs", a.seconds, a.peak_bytes),
-                     Measurement("(b) hidden", b.seconds, b.peak_bytes)])
-        print(f"(b)/(a): memory={b.peak_bytes / max(a.peak_bytes, 1):.4f} time={b.seconds / max(a.seconds, 1e-12):.4f}")
-    if ratio is not None and len(modes) > 1:
-        print(f"ratio memory={ratio[0]:.4f} time={ratio[1]:.4f}")  # the last line stays the fused/reference ratio
+    rows, title = _run(args, device, dtype)
+    by_name = {row.name: row for row in rows}
+    if "fused" in by_name and "reference" in by_name:
+        floor = by_name["gradient floor"].peak_bytes
+        fused_work = by_name["fused"].peak_bytes - floor
+        ref_work = by_name["reference"].peak_bytes - floor
+        print(f"working memory above the gradient floor ({floor / 2**20:.1f} MiB: the outputs' and "
+              f"weights' gradients): fused {fused_work / 2**20:.1f} MiB, reference {ref_work / 2**20:.1f} MiB, "
+              f"ratio {fused_work / max(ref_work, 1):.4f}")
+        report(title, rows, fast="fused", reference="reference", device=device)  # last line: the ratio
+    else:
+        _print_rows(title, rows)
     return 0

@@ -21,8 +21,9 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3g}, max |expected| {scale:.3g}, tol {tol}"
 
 
-def make_inputs(T, hidden, vocab, teacher, dtype, mask="random", device="cpu", lead=()):
-    """Draft head inputs and a teacher that agrees with the draft often enough for accuracy to matter."""
+def make_inputs(T, hidden, vocab, dtype, mask="random", device="cpu", lead=()):
+    """Draft head inputs and a teacher (target final hidden + t2d rows of its output layer) that agrees
+    with the draft often enough for accuracy to matter."""
     gen = torch.Generator().manual_seed(T * 7 + vocab)
     o = torch.randn(*lead, T, hidden, generator=gen).to(device, dtype).requires_grad_()
     norm = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype).requires_grad_()
@@ -34,15 +35,11 @@ def make_inputs(T, hidden, vocab, teacher, dtype, mask="random", device="cpu", l
     }[mask].to(device)
     with torch.no_grad():
         normed = rms_norm(o, norm, EPS).float()
-        if teacher == "probs":
-            logits = normed @ head.float().t() + torch.randn(*lead, T, vocab, generator=gen).to(device)
-            kwargs = dict(teacher_probs=torch.softmax(2 * logits, -1).to(dtype))
-        else:
-            # A target with its own width (Ht = H + 8) whose first H features echo the draft's.
-            extra = torch.randn(*lead, T, 8, generator=gen).to(device)
-            t_hidden = torch.cat([normed + 0.5 * torch.randn(normed.shape, generator=gen).to(device), extra], -1)
-            t_weight = torch.cat([head.float(), torch.randn(vocab, 8, generator=gen).to(device)], -1)
-            kwargs = dict(teacher_hidden=t_hidden.to(dtype), teacher_weight=t_weight.to(dtype))
+        # A target with its own width (Ht = H + 8) whose first H features echo the draft's.
+        extra = torch.randn(*lead, T, 8, generator=gen).to(device)
+        t_hidden = torch.cat([normed + 0.5 * torch.randn(normed.shape, generator=gen).to(device), extra], -1)
+        t_weight = torch.cat([head.float(), torch.randn(vocab, 8, generator=gen).to(device)], -1)
+        kwargs = dict(teacher_hidden=t_hidden.to(dtype), teacher_weight=t_weight.to(dtype))
     return (o, norm, head, position_mask), kwargs
 
 
@@ -84,20 +81,17 @@ def compare(impl, inputs, teacher, tol, **kwargs):
 
 # T=37 is not a multiple of the chunk (16) nor of the Triton tiles; Vd=50 is not a power of two.
 CASES = [
-    # T, H, Vd, teacher, dtype, mask
-    (37, 40, 50, "probs", torch.float32, "random"),
-    (37, 40, 50, "hidden", torch.float32, "random"),
-    (37, 40, 50, "hidden", torch.float32, "none"),
-    (1, 40, 50, "probs", torch.float32, "all"),
-    (1, 40, 50, "hidden", torch.float32, "all"),
-    (37, 40, 50, "probs", torch.bfloat16, "random"),
-    (37, 40, 50, "hidden", torch.bfloat16, "random"),
+    # T, H, Vd, dtype, mask
+    (37, 40, 50, torch.float32, "random"),
+    (37, 40, 50, torch.float32, "none"),
+    (1, 40, 50, torch.float32, "all"),
+    (37, 40, 50, torch.bfloat16, "random"),
 ]
 
 
-@pytest.mark.parametrize("T,hidden,vocab,teacher,dtype,mask", CASES)
-def test_chunked_matches_reference(T, hidden, vocab, teacher, dtype, mask):
-    inputs, kwargs = make_inputs(T, hidden, vocab, teacher, dtype, mask)
+@pytest.mark.parametrize("T,hidden,vocab,dtype,mask", CASES)
+def test_chunked_matches_reference(T, hidden, vocab, dtype, mask):
+    inputs, kwargs = make_inputs(T, hidden, vocab, dtype, mask)
     expected = compare("chunked", inputs, kwargs, TOL[dtype])
     if mask == "none":
         assert float(expected["loss"]) == 0.0 and int(expected["correct"]) == 0
@@ -109,20 +103,16 @@ def float64_loss_and_grads(inputs, teacher, weight=0.37):
     """The contract evaluated in float64 throughout (the reference computes in fp32, as the trainer does)."""
     o, norm, head, mask = [t.detach().double().requires_grad_(t.dtype != torch.bool) for t in inputs]
     normed = norm * o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + EPS)
-    if "teacher_probs" in teacher:
-        p = teacher["teacher_probs"].double()
-    else:
-        p = torch.softmax(teacher["teacher_hidden"].double() @ teacher["teacher_weight"].double().t(), -1)
+    p = torch.softmax(teacher["teacher_hidden"].double() @ teacher["teacher_weight"].double().t(), -1)
     per_position = -(p * torch.log_softmax(normed @ head.t(), -1)).sum(-1)
     loss = weight * (per_position * mask).sum()
     (1.7 * loss).backward()
     return dict(loss=loss.detach(), d_o=o.grad, d_norm=norm.grad, d_head=head.grad)
 
 
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
-def test_chunked_is_as_accurate_as_the_reference_at_a_realistic_shape(teacher):
+def test_chunked_is_as_accurate_as_the_reference_at_a_realistic_shape():
     """Vd=32000 sums are long: both fp32 paths are held to a float64 evaluation of the same inputs."""
-    inputs, kwargs = make_inputs(160, 256, 32000, teacher, torch.float32)
+    inputs, kwargs = make_inputs(160, 256, 32000, torch.float32)
     exact = float64_loss_and_grads(inputs, kwargs)
     reference = run("reference", inputs, kwargs)
     chunked = run("chunked", inputs, kwargs, chunk_tokens=96)
@@ -135,7 +125,7 @@ def test_chunked_is_as_accurate_as_the_reference_at_a_realistic_shape(teacher):
 
 
 def test_fully_masked_rows_get_no_gradient():
-    inputs, kwargs = make_inputs(37, 40, 50, "hidden", torch.float32)
+    inputs, kwargs = make_inputs(37, 40, 50, torch.float32)
     grads = run("chunked", inputs, kwargs)
     masked = ~inputs[3]
     assert masked.any()
@@ -143,13 +133,13 @@ def test_fully_masked_rows_get_no_gradient():
 
 
 def test_weight_as_tensor_and_leading_dims():
-    inputs, kwargs = make_inputs(9, 16, 20, "probs", torch.float32, lead=(2,))
+    inputs, kwargs = make_inputs(9, 16, 20, torch.float32, lead=(2,))
     compare("chunked", inputs, kwargs, TOL[torch.float32], weight=torch.tensor(0.25))
 
 
 def test_reference_is_soft_cross_entropy():
     """The reference against the contract written out: masked sum of -sum p log softmax(z), times weight."""
-    (o, norm, head, mask), kwargs = make_inputs(6, 8, 10, "hidden", torch.float32)
+    (o, norm, head, mask), kwargs = make_inputs(6, 8, 10, torch.float32)
     loss, hits = ttt_step_loss_reference(o, norm, head, EPS, mask, 0.5, **kwargs)
     z = rms_norm(o, norm, EPS) @ head.t()
     teacher_logits = kwargs["teacher_hidden"] @ kwargs["teacher_weight"].t()
@@ -160,26 +150,28 @@ def test_reference_is_soft_cross_entropy():
 
 
 def test_path_selection_and_errors():
-    inputs, kwargs = make_inputs(4, 8, 10, "probs", torch.float32)
+    inputs, kwargs = make_inputs(4, 8, 10, torch.float32)
+    hidden, rows = kwargs["teacher_hidden"], kwargs["teacher_weight"]
     with pytest.raises(UserError, match="unknown implementation"):
         fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, impl="fast", **kwargs)
     with pytest.raises(UserError, match="Triton runs only on CUDA"):
         fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, impl="triton", **kwargs)
-    with pytest.raises(ValueError, match="not both"):
-        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0)
+    with pytest.raises(ValueError, match="teacher_weight must be"):
+        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, teacher_hidden=hidden, teacher_weight=rows[:-1])
+    with pytest.raises(ValueError, match="teacher_hidden has shape"):
+        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, teacher_hidden=hidden[:, :-1], teacher_weight=rows)
     with pytest.raises(ValueError, match="must not require grad"):
-        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0,
-                            teacher_probs=kwargs["teacher_probs"].clone().requires_grad_())
+        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, teacher_hidden=hidden.clone().requires_grad_(),
+                            teacher_weight=rows)
     auto = fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, impl="auto", **kwargs)[0]
     chunked = fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, impl="chunked", **kwargs)[0]
     assert torch.equal(auto, chunked)
 
 
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
-def test_chunked_keeps_no_logits_for_backward(teacher):
+def test_chunked_keeps_no_logits_for_backward():
     """Peak memory of forward + backward: the reference holds [T, Vd] fp32 tensors, the chunked path tiles."""
     T, vocab, chunk = 512, 8192, 64
-    inputs, kwargs = make_inputs(T, 64, vocab, teacher, torch.float32)
+    inputs, kwargs = make_inputs(T, 64, vocab, torch.float32)
     logits_bytes = T * vocab * 4
 
     def step(impl):
@@ -201,17 +193,16 @@ def test_under_triton_interpreter(run_interpreted):
     run_interpreted()
 
 
-@pytest.mark.parametrize("T,hidden,vocab,teacher,dtype,mask", CASES)
-def test_triton_interpreted_matches_reference(T, hidden, vocab, teacher, dtype, mask):
-    inputs, kwargs = make_inputs(T, hidden, vocab, teacher, dtype, mask)
+@pytest.mark.parametrize("T,hidden,vocab,dtype,mask", CASES)
+def test_triton_interpreted_matches_reference(T, hidden, vocab, dtype, mask):
+    inputs, kwargs = make_inputs(T, hidden, vocab, dtype, mask)
     compare("triton", inputs, kwargs, INTERPRETER_TOL[dtype])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
-def test_triton_on_gpu_matches_reference(dtype, teacher):
-    inputs, kwargs = make_inputs(1500, 512, 32000, teacher, dtype, device="cuda")
+def test_triton_on_gpu_matches_reference(dtype):
+    inputs, kwargs = make_inputs(1500, 512, 32000, dtype, device="cuda")
     compare("triton", inputs, kwargs, TOL[dtype], chunk_tokens=512)
     compare("auto", inputs, kwargs, TOL[dtype], chunk_tokens=512)
 
@@ -221,15 +212,15 @@ def test_triton_on_gpu_matches_reference(dtype, teacher):
 # ----------------------------------------------------------------------------------------------
 
 
-def policy_inputs(teacher, device="cpu"):
+def policy_inputs(device="cpu"):
     """What the trainer hands the loss: the draft's output and the teacher in bf16, norm and head as fp32
     masters (the teacher rows were cast to bf16 once, at the boundary)."""
-    (o, norm, head, mask), kwargs = make_inputs(37, 40, 50, teacher, torch.bfloat16, device=device)
+    (o, norm, head, mask), kwargs = make_inputs(37, 40, 50, torch.bfloat16, device=device)
     return (o, norm.detach().float().requires_grad_(), head.detach().float().requires_grad_(), mask), kwargs
 
 
-def check_policy(impl, teacher, device, tol):
-    inputs, kwargs = policy_inputs(teacher, device)
+def check_policy(impl, device, tol):
+    inputs, kwargs = policy_inputs(device)
     expected = compare(impl, inputs, kwargs, tol)
     actual = run(impl, inputs, kwargs)
     assert actual["d_o"].dtype == torch.bfloat16
@@ -241,18 +232,15 @@ def check_policy(impl, teacher, device, tol):
     return expected
 
 
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
-def test_dtype_policy_bf16_activations_fp32_weights(impl, teacher):
-    check_policy(impl, teacher, "cpu", TOL[torch.bfloat16])
+def test_dtype_policy_bf16_activations_fp32_weights(impl):
+    check_policy(impl, "cpu", TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
-def test_triton_interpreted_dtype_policy(teacher):
-    check_policy("triton", teacher, "cpu", INTERPRETER_TOL[torch.bfloat16])
+def test_triton_interpreted_dtype_policy():
+    check_policy("triton", "cpu", INTERPRETER_TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("teacher", ["probs", "hidden"])
-def test_dtype_policy_on_gpu(teacher):
-    check_policy("triton", teacher, "cuda", TOL[torch.bfloat16])
+def test_dtype_policy_on_gpu():
+    check_policy("triton", "cuda", TOL[torch.bfloat16])
