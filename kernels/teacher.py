@@ -1,20 +1,18 @@
-"""Fused vocab-parallel teacher: the target's full-vocabulary argmax and its draft-vocabulary logits,
-from the final hidden states and this TP rank's rows of the output layer, without ``[T, V/TP]`` logits.
+"""Fused vocab-parallel teacher: the target's full-vocabulary argmax (for the position mask), from the
+final hidden states and this TP rank's rows of the output layer, without ``[T, V/TP]`` logits.
 
     logits = hidden @ weight_shard.T                (rounded to the input dtype, as the target computes it)
     target_argmax[t] = global id of max_v logits    (over the FULL vocabulary, reduced over the TP group;
                                                      ties go to the smallest id, as torch.argmax does)
-    draft_logits[t, i] = logits[t, draft_ids[i]]    (fp32; each rank fills the ids it owns, then a sum)
 
-The fused paths walk (token chunk x vocab chunk) tiles, keep a running (max, argmax) per token and copy
-the draft columns out of each tile, so memory is O(T * Vd + tile), flat in V. The reduction over the
-group is two all-reduces of ``[T]``: MAX of the values, then MIN of the ids of the ranks that hold it.
-No gradients: the target is frozen.
+The fused paths walk (token chunk x vocab chunk) tiles and keep a running (max, argmax) per token, so
+memory is O(T + tile), flat in V. The reduction over the group is two all-reduces of ``[T]``: MAX of the
+values, then MIN of the ids of the ranks that hold it. No gradients: the target is frozen. (The teacher's
+draft-vocabulary distribution is not formed here: the fused loss, kernels/ttt_loss.py, builds it tile by
+tile from the same final hidden state and the t2d rows of the output layer.)
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,8 +24,8 @@ from ._common import INTERPRET, check_impl, triton
 __all__ = ["teacher_reference", "teacher_chunked", "teacher_triton", "fused_teacher"]
 
 
-def teacher_reference(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None,
-                      draft_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def teacher_reference(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None
+                      ) -> torch.Tensor:
     """What the common reference does: every rank gathers the full-vocabulary logits ``[T, V]``."""
     with torch.no_grad():
         logits = (hidden @ weight_shard.t()).float()
@@ -41,46 +39,24 @@ def teacher_reference(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_st
             order = sorted(range(world), key=lambda r: int(spans[r][0]))
             vocab_start = int(spans[order[0]][0])
             logits = torch.cat([pieces[r][:, :int(spans[r][1])] for r in order], dim=1)
-        target_argmax = logits.argmax(-1) + vocab_start
-        draft_logits = logits[:, draft_ids - vocab_start].contiguous() if draft_ids is not None else None
-    return target_argmax, draft_logits
+        return logits.argmax(-1) + vocab_start
 
 
-def _check(hidden, weight_shard, vocab_start, group, draft_ids) -> None:
+def _check(hidden, weight_shard, vocab_start) -> None:
     if hidden.shape[-1] != weight_shard.shape[-1] or weight_shard.dim() != 2:
         raise ValueError(f"teacher: hidden [..., {hidden.shape[-1]}] does not fit the output-layer shard "
                          f"{tuple(weight_shard.shape)}")
     if vocab_start < 0:
         raise ValueError(f"teacher: vocab_start must be >= 0, got {vocab_start}")
-    if draft_ids is not None:
-        if draft_ids.dim() != 1 or draft_ids.dtype != torch.int64:
-            raise ValueError(f"teacher: draft_ids must be a 1-D int64 tensor, "
-                             f"got {draft_ids.dtype} {tuple(draft_ids.shape)}")
-        if (group is None or dist.get_world_size(group) == 1) and len(draft_ids) and (
-                int(draft_ids.min()) < vocab_start or int(draft_ids.max()) >= vocab_start + weight_shard.shape[0]):
-            raise ValueError(f"teacher: draft ids outside the vocabulary [{vocab_start}, "
-                             f"{vocab_start + weight_shard.shape[0]}) of a single shard")
 
 
-def _reduce_over_group(best: torch.Tensor, best_id: torch.Tensor, draft_logits: Optional[torch.Tensor], group
-                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _reduce_over_group(best: torch.Tensor, best_id: torch.Tensor, group) -> torch.Tensor:
     """Global argmax from per-shard (max, id): the largest value wins, then the smallest id among equals."""
     if group is None or dist.get_world_size(group) == 1:
-        return best_id, draft_logits
+        return best_id
     top = collectives.all_reduce(best.clone(), op="max", group=group)
-    candidate = collectives.all_reduce(torch.where(best == top, best_id, torch.iinfo(torch.int64).max), op="min",
-                                       group=group)
-    if draft_logits is not None:
-        collectives.all_reduce(draft_logits, op="sum", group=group)
-    return candidate, draft_logits
-
-
-def _local_draft_columns(draft_ids: torch.Tensor, vocab_start: int, shard_rows: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shard-local row, draft position) of the draft ids this shard owns."""
-    local = draft_ids - vocab_start
-    owned = (local >= 0) & (local < shard_rows)
-    return local[owned], torch.nonzero(owned).squeeze(1)
+    return collectives.all_reduce(torch.where(best == top, best_id, torch.iinfo(torch.int64).max), op="min",
+                                  group=group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,40 +65,25 @@ def _local_draft_columns(draft_ids: torch.Tensor, vocab_start: int, shard_rows: 
 
 
 def teacher_chunked(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None,
-                    draft_ids: Optional[torch.Tensor] = None, chunk_tokens: int = 1024, chunk_vocab: int = 8192
-                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    chunk_tokens: int = 1024, chunk_vocab: int = 8192) -> torch.Tensor:
     """The CPU path: ``[chunk_tokens, chunk_vocab]`` logits tiles with torch ops. ``hidden`` is ``[T, Ht]``."""
     T = hidden.shape[0]
     rows_in_shard = weight_shard.shape[0]
     best = torch.full((T,), float("-inf"), device=hidden.device)
     best_id = torch.zeros(T, dtype=torch.int64, device=hidden.device)
-    draft_logits = None
-    vocab_chunks = []
-    if draft_ids is not None:
-        draft_logits = torch.zeros(T, len(draft_ids), device=hidden.device)
-        local, position = _local_draft_columns(draft_ids, vocab_start, rows_in_shard)
-    for v0 in range(0, rows_in_shard, chunk_vocab):
-        v1 = min(v0 + chunk_vocab, rows_in_shard)
-        if draft_ids is not None:
-            inside = (local >= v0) & (local < v1)
-            vocab_chunks.append((v0, v1, local[inside] - v0, position[inside]))
-        else:
-            vocab_chunks.append((v0, v1, None, None))
     with torch.no_grad():
         for t0 in range(0, T, chunk_tokens):
             rows = slice(t0, t0 + chunk_tokens)
             h = hidden[rows]
-            for v0, v1, columns, positions in vocab_chunks:
-                logits = (h @ weight_shard[v0:v1].t()).float()
+            for v0 in range(0, rows_in_shard, chunk_vocab):
+                logits = (h @ weight_shard[v0:v0 + chunk_vocab].t()).float()
                 tile_best, tile_arg = logits.max(-1)
                 # Strict '>' keeps the earlier chunk on ties: the smallest id, as torch.argmax.
                 better = tile_best > best[rows]
                 best_id[rows] = torch.where(better, tile_arg + (vocab_start + v0), best_id[rows])
                 best[rows] = torch.where(better, tile_best, best[rows])
-                if columns is not None and len(columns):
-                    draft_logits[rows].index_copy_(1, positions, logits.index_select(1, columns))
                 del logits  # before the next tile is allocated, not after
-        return _reduce_over_group(best, best_id, draft_logits, group)
+        return _reduce_over_group(best, best_id, group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +96,10 @@ if triton is not None:
     from ._common import dot_precision
 
     @triton.jit
-    def _teacher_kernel(HID, W, DRAFT_POS, DRAFT, BEST, BEST_ID, T, HT, VS, VD, v_per_split,
-                        stride_h, stride_w, stride_d, HAS_DRAFT: tl.constexpr, UPCAST: tl.constexpr,
-                        PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-        """One (token block, vocab split): running max/argmax over the split's rows; draft columns scattered
-        straight into DRAFT (DRAFT_POS maps a shard row to its draft position, -1 when not a draft id)."""
+    def _teacher_kernel(HID, W, BEST, BEST_ID, T, HT, VS, v_per_split, stride_h, stride_w,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                        BK: tl.constexpr):
+        """One (token block, vocab split): running max/argmax over the split's rows of the shard."""
         split = tl.program_id(1)
         rows = tl.program_id(0) * BT + tl.arange(0, BT)
         row_ok = rows < T
@@ -167,10 +127,6 @@ if triton is not None:
             tile_best, tile_arg = tl.max(z_valid, axis=1, return_indices=True, return_indices_tie_break_left=True)
             best_id = tl.where(tile_best > best, v0 + tile_arg, best_id)
             best = tl.maximum(best, tile_best)
-            if HAS_DRAFT:
-                pos = tl.load(DRAFT_POS + cols, mask=col_ok, other=-1)
-                tl.store(DRAFT + rows.to(tl.int64)[:, None] * stride_d + pos[None, :], z,
-                         mask=row_ok[:, None] & (pos >= 0)[None, :])
         tl.store(BEST + split * T + rows, best, mask=row_ok)
         tl.store(BEST_ID + split * T + rows, best_id, mask=row_ok)
 
@@ -178,8 +134,8 @@ if triton is not None:
                            interpreter=dict(BT=16, BV=16, BK=16))
 
 
-def teacher_triton(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None,
-                   draft_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def teacher_triton(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None
+                   ) -> torch.Tensor:
     """The CUDA path (or CPU under TRITON_INTERPRET=1). ``hidden`` is ``[T, Ht]``."""
     check_impl("triton", hidden.device, "teacher")
     if hidden.dtype != weight_shard.dtype:
@@ -199,49 +155,38 @@ def teacher_triton(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start
     n_splits = triton.cdiv(rows_in_shard, v_per_split)
     best = torch.empty(n_splits, T, device=hidden.device, dtype=torch.float32)
     best_id = torch.empty(n_splits, T, device=hidden.device, dtype=torch.int32)
-    if draft_ids is not None:
-        draft_logits = torch.zeros(T, len(draft_ids), device=hidden.device, dtype=torch.float32)
-        # A shard-sized int32 map (4 bytes per vocabulary row, not per token) tells each tile where its
-        # draft columns go.
-        draft_pos = torch.full((rows_in_shard,), -1, device=hidden.device, dtype=torch.int32)
-        local, position = _local_draft_columns(draft_ids.to(hidden.device), vocab_start, rows_in_shard)
-        draft_pos[local] = position.to(torch.int32)
-    else:
-        draft_logits, draft_pos = None, best_id
     _teacher_kernel[(token_blocks, n_splits)](
-        hidden, weight_shard, draft_pos, draft_logits if draft_logits is not None else best, best, best_id,
-        T, hidden_t, rows_in_shard, len(draft_ids) if draft_ids is not None else 0, v_per_split,
-        hidden.stride(0), weight_shard.stride(0), draft_logits.stride(0) if draft_logits is not None else 0,
-        HAS_DRAFT=draft_logits is not None, UPCAST=INTERPRET, PREC=dot_precision(hidden.dtype), **opts)
+        hidden, weight_shard, best, best_id, T, hidden_t, rows_in_shard, v_per_split,
+        hidden.stride(0), weight_shard.stride(0),
+        UPCAST=INTERPRET, PREC=dot_precision(hidden.dtype), **opts)
     # The split holding the best value wins; argmax takes the first on ties, i.e. the lower ids.
     winner = best.argmax(0, keepdim=True)
     shard_best = best.gather(0, winner)[0]
     shard_id = best_id.gather(0, winner)[0].to(torch.int64) + vocab_start
-    return _reduce_over_group(shard_best, shard_id, draft_logits, group)
+    return _reduce_over_group(shard_best, shard_id, group)
 
 
 def fused_teacher(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None,
-                  draft_ids: Optional[torch.Tensor] = None, impl: str = "auto", chunk_tokens: int = 1024,
-                  chunk_vocab: int = 8192) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(target_argmax int64 ``[...]`` global ids, draft_logits fp32 ``[..., Vd]`` or None).
+                  impl: str = "auto", chunk_tokens: int = 1024, chunk_vocab: int = 8192
+                  ) -> tuple[torch.Tensor, None]:
+    """(target_argmax int64 ``[...]`` global ids, None).
 
     ``hidden`` is ``[..., Ht]`` (after the target's final norm); ``weight_shard`` holds the output-layer rows
     ``vocab_start .. vocab_start + V_shard`` of this rank; ``group`` is the TP group (None: one shard).
     ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
+    The second item is always None: it is where the removed draft-logits mode returned its tensor, kept
+    while target/host.py unpacks a pair.
     """
-    _check(hidden, weight_shard, vocab_start, group, draft_ids)
+    _check(hidden, weight_shard, vocab_start)
     path = check_impl(impl, hidden.device, "teacher")
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     if path == "reference":
-        argmax, draft_logits = teacher_reference(flat, weight_shard, vocab_start, group, draft_ids)
+        argmax = teacher_reference(flat, weight_shard, vocab_start, group)
     elif path == "triton":
-        argmax, draft_logits = teacher_triton(flat, weight_shard, vocab_start, group, draft_ids)
+        argmax = teacher_triton(flat, weight_shard, vocab_start, group)
     else:
         if chunk_tokens < 1 or chunk_vocab < 1:
             raise ValueError(f"teacher: chunk sizes must be positive, got {chunk_tokens}, {chunk_vocab}")
-        argmax, draft_logits = teacher_chunked(flat, weight_shard, vocab_start, group, draft_ids,
-                                               chunk_tokens, chunk_vocab)
-    if draft_logits is not None:
-        draft_logits = draft_logits.reshape(*lead, -1)
-    return argmax.reshape(lead), draft_logits
+        argmax = teacher_chunked(flat, weight_shard, vocab_start, group, chunk_tokens, chunk_vocab)
+    return argmax.reshape(lead), None

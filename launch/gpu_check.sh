@@ -418,8 +418,7 @@ stage_bench() {
     # Llama-3-8B-like draft shapes (hidden 4096, 32k draft vocabulary), 7 TTT steps, bf16.
     bench_row bench-loss 240 loss --tokens 8192 --hidden 4096 --vocab 32000 --steps 7 --dtype bfloat16
     bench_row bench-projection 180 projection --tokens 16384 --hidden 4096 --dtype bfloat16
-    bench_row bench-teacher 240 teacher --tokens 8192 --hidden 4096 --vocab 32000,151936 --draft-vocab 32000 \
-        --dtype bfloat16
+    bench_row bench-teacher 240 teacher --tokens 8192 --hidden 4096 --vocab 32000,151936 --dtype bfloat16
     # csrc vs FlexAttention vs SDPA (explicit mask) vs the masked reference (the bench runs all four, no
     # option leaves one out). Sized for an 80 GB card: SDPA with a mask and GQA falls back to its math
     # kernel, which keeps every step's [heads, T, (1+i)T] weights for backward, so no GQA here (GQA

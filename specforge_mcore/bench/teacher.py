@@ -1,8 +1,9 @@
 """``specforge-mcore bench teacher``: the fused teacher against full-vocabulary logits, at one or more V.
 
 One output-layer shard holding the whole vocabulary (TP=1: the per-rank memory question is the same at
-any TP, with V/TP rows). Both paths produce the full-vocabulary argmax and the draft-vocab logits.
-``--vocab 32000,151936`` runs both sizes and prints how the fused peak changes with V.
+any TP, with V/TP rows). Both paths produce what the trainer asks of the teacher: the full-vocabulary
+argmax (the position mask's input). ``--vocab 32000,151936`` runs both sizes and prints how the fused peak
+changes with V.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens T")
     parser.add_argument("--hidden", type=int, default=1024, help="target hidden Ht")
     parser.add_argument("--vocab", type=_sizes, default=[32000, 151936], help="full vocabulary V (comma list)")
-    parser.add_argument("--draft-vocab", type=int, default=32000, help="draft vocabulary Vd (at most V)")
     parser.add_argument("--steps", type=int, default=1, help="unused: the teacher runs once per sequence")
     parser.add_argument("--impl", choices=["auto", "chunked", "triton"], default="auto", help="the fused path")
     parser.add_argument("--chunk-tokens", type=int, default=1024)
@@ -50,23 +50,22 @@ def main(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
-    if min(args.tokens, args.hidden, args.draft_vocab, args.chunk_tokens, args.chunk_vocab, args.iters) < 1:
-        raise UserError("--tokens, --hidden, --draft-vocab, --chunk-tokens, --chunk-vocab and --iters must be positive")
+    if min(args.tokens, args.hidden, args.chunk_tokens, args.chunk_vocab, args.iters) < 1:
+        raise UserError("--tokens, --hidden, --chunk-tokens, --chunk-vocab and --iters must be positive")
     gen = torch.Generator().manual_seed(args.seed)
     hidden = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
     results = {}
     for vocab in args.vocab:
         weight = (torch.randn(vocab, args.hidden, generator=gen) * args.hidden ** -0.5).to(device, dtype)
-        draft_ids = torch.randperm(vocab, generator=gen)[:min(args.draft_vocab, vocab)].to(device)
 
         def run(impl):
-            return lambda: fused_teacher(hidden, weight, 0, draft_ids=draft_ids, impl=impl,
-                                         chunk_tokens=args.chunk_tokens, chunk_vocab=args.chunk_vocab)
+            return lambda: fused_teacher(hidden, weight, 0, impl=impl, chunk_tokens=args.chunk_tokens,
+                                         chunk_vocab=args.chunk_vocab)
 
         rows = [measure("fused", run(args.impl), device, args.warmup, args.iters),
                 measure("reference", run("reference"), device, args.warmup, args.iters)]
-        title = (f"teacher (argmax over V + draft logits): T={args.tokens} Ht={args.hidden} V={vocab} "
-                 f"Vd={len(draft_ids)} {str(dtype).replace('torch.', '')} impl={args.impl}")
+        title = (f"teacher (argmax over V): T={args.tokens} Ht={args.hidden} V={vocab} "
+                 f"{str(dtype).replace('torch.', '')} impl={args.impl}")
         results[vocab] = (rows, report(title, rows, fast="fused", reference="reference", device=device))
     if len(results) > 1:
         small, large = min(results), max(results)

@@ -1,5 +1,5 @@
-"""Fused vocab-parallel teacher against full-vocabulary logits: global argmax (ties included), draft-vocab
-logits, two TP shards against one, and memory that does not grow with the vocabulary."""
+"""Fused vocab-parallel teacher against full-vocabulary logits: global argmax (ties included), two TP
+shards against one, and memory that does not grow with the vocabulary."""
 
 import pytest
 import torch
@@ -10,11 +10,9 @@ from specforge_mcore.errors import UserError
 from specforge_mcore.kernels.teacher import fused_teacher, teacher_reference
 from specforge_mcore.parallel import init_distributed, spawn
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-def make_inputs(T, hidden_t, vocab, draft_vocab, dtype, integer=False, device="cpu", seed=0):
-    """Final hidden states, the full output layer, and draft ids (a random subset, not sorted).
+def make_inputs(T, hidden_t, vocab, dtype, integer=False, device="cpu", seed=0):
+    """Final hidden states and the full output layer.
 
     ``integer``: small integer entries, so logits are exact in any summation order and ties are real.
     """
@@ -25,14 +23,13 @@ def make_inputs(T, hidden_t, vocab, draft_vocab, dtype, integer=False, device="c
     else:
         hidden = torch.randn(T, hidden_t, generator=gen)
         weight = torch.randn(vocab, hidden_t, generator=gen)
-    draft_ids = torch.randperm(vocab, generator=gen)[:draft_vocab] if draft_vocab else None
-    return hidden.to(device, dtype), weight.to(device, dtype), draft_ids
+    return hidden.to(device, dtype), weight.to(device, dtype)
 
 
-def check_against_reference(impl, hidden, weight, draft_ids, vocab_start=0, **kwargs):
-    ids = draft_ids + vocab_start if draft_ids is not None else None
-    expected_argmax, expected_draft = teacher_reference(hidden, weight, vocab_start, draft_ids=ids)
-    argmax, draft = fused_teacher(hidden, weight, vocab_start, draft_ids=ids, impl=impl, **kwargs)
+def check_against_reference(impl, hidden, weight, vocab_start=0, **kwargs):
+    expected_argmax = teacher_reference(hidden, weight, vocab_start)
+    argmax, nothing = fused_teacher(hidden, weight, vocab_start, impl=impl, **kwargs)
+    assert nothing is None
     assert argmax.dtype == torch.int64 and argmax.shape == hidden.shape[:1]
     if hidden.dtype == torch.float32:
         assert torch.equal(argmax, expected_argmax)
@@ -42,30 +39,23 @@ def check_against_reference(impl, hidden, weight, draft_ids, vocab_start=0, **kw
         logits = (hidden @ weight.t()).float()
         chosen = logits.gather(1, (argmax - vocab_start)[:, None])[:, 0]
         assert torch.all(chosen >= logits.max(-1).values * (1 - 2 ** -7) - 1e-6)
-    if draft_ids is None:
-        assert draft is None
-    else:
-        assert draft.dtype == torch.float32 and draft.shape == (hidden.shape[0], len(draft_ids))
-        err = (draft - expected_draft).abs().max().item()
-        assert err <= TOL[hidden.dtype] * expected_draft.abs().max().item(), f"draft logits error {err:.3g}"
 
 
-# T=37 and V=101 are multiples of no tile; Vd=45 ids are scattered across the vocabulary chunks.
+# T=37 and V=101 are multiples of no tile.
 CASES = [
-    # T, Ht, V, Vd, dtype, integer (exact ties), vocab_start
-    (37, 24, 101, 45, torch.float32, False, 0),
-    (37, 24, 101, 45, torch.float32, False, 1000),
-    (37, 24, 101, 0, torch.float32, False, 0),
-    (37, 24, 101, 45, torch.float32, True, 0),
-    (1, 24, 101, 101, torch.float32, False, 5),
-    (37, 24, 101, 45, torch.bfloat16, False, 0),
+    # T, Ht, V, dtype, integer (exact ties), vocab_start
+    (37, 24, 101, torch.float32, False, 0),
+    (37, 24, 101, torch.float32, False, 1000),
+    (37, 24, 101, torch.float32, True, 0),
+    (1, 24, 101, torch.float32, False, 5),
+    (37, 24, 101, torch.bfloat16, False, 0),
 ]
 
 
-@pytest.mark.parametrize("T,hidden_t,vocab,draft_vocab,dtype,integer,vocab_start", CASES)
-def test_chunked_matches_reference(T, hidden_t, vocab, draft_vocab, dtype, integer, vocab_start):
-    hidden, weight, draft_ids = make_inputs(T, hidden_t, vocab, draft_vocab, dtype, integer)
-    check_against_reference("chunked", hidden, weight, draft_ids, vocab_start, chunk_tokens=16, chunk_vocab=32)
+@pytest.mark.parametrize("T,hidden_t,vocab,dtype,integer,vocab_start", CASES)
+def test_chunked_matches_reference(T, hidden_t, vocab, dtype, integer, vocab_start):
+    hidden, weight = make_inputs(T, hidden_t, vocab, dtype, integer)
+    check_against_reference("chunked", hidden, weight, vocab_start, chunk_tokens=16, chunk_vocab=32)
 
 
 def test_ties_go_to_the_smallest_id():
@@ -78,18 +68,18 @@ def test_ties_go_to_the_smallest_id():
 
 
 def test_chunked_matches_reference_at_a_realistic_shape():
-    hidden, weight, draft_ids = make_inputs(1024, 512, 32000, 8000, torch.float32)
-    check_against_reference("chunked", hidden, weight, draft_ids)
+    hidden, weight = make_inputs(1024, 512, 32000, torch.float32)
+    check_against_reference("chunked", hidden, weight)
 
 
 def test_leading_dims_and_errors():
-    hidden, weight, draft_ids = make_inputs(8, 6, 20, 5, torch.float32)
-    argmax, draft = fused_teacher(hidden.view(2, 4, 6), weight, 0, draft_ids=draft_ids, impl="chunked")
-    assert argmax.shape == (2, 4) and draft.shape == (2, 4, 5)
+    hidden, weight = make_inputs(8, 6, 20, torch.float32)
+    argmax, _ = fused_teacher(hidden.view(2, 4, 6), weight, 0, impl="chunked")
+    assert argmax.shape == (2, 4) and torch.equal(argmax.reshape(-1), teacher_reference(hidden, weight, 0))
     with pytest.raises(UserError, match="Triton runs only on CUDA"):
         fused_teacher(hidden, weight, 0, impl="triton")
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        fused_teacher(hidden, weight, 0, draft_ids=torch.tensor([3, 20]))
+    with pytest.raises(ValueError, match="vocab_start must be"):
+        fused_teacher(hidden, weight, -1)
     with pytest.raises(ValueError, match="does not fit"):
         fused_teacher(hidden, weight[:, :5], 0)
 
@@ -99,10 +89,10 @@ def test_peak_memory_is_flat_in_the_vocabulary():
     cpu = torch.device("cpu")
     peaks = {}
     for vocab in (4096, 16384):
-        hidden, weight, draft_ids = make_inputs(256, 64, vocab, 512, torch.float32)
+        hidden, weight = make_inputs(256, 64, vocab, torch.float32)
         peaks[vocab] = {impl: peak_memory_bytes(
-            lambda: fused_teacher(hidden, weight, 0, draft_ids=draft_ids, impl=impl, chunk_tokens=128,
-                                  chunk_vocab=1024), cpu) for impl in ("chunked", "reference")}
+            lambda: fused_teacher(hidden, weight, 0, impl=impl, chunk_tokens=128, chunk_vocab=1024), cpu)
+            for impl in ("chunked", "reference")}
     assert abs(peaks[16384]["chunked"] / peaks[4096]["chunked"] - 1) <= 0.10, peaks
     assert peaks[16384]["reference"] >= 3 * peaks[4096]["reference"], peaks
 
@@ -115,12 +105,12 @@ SPLIT_AT = 50  # V=101: rank 0 owns ids 0..49, rank 1 ids 50..100 (unequal shard
 
 
 def tp_inputs(integer):
-    hidden, weight, draft_ids = make_inputs(37, 24, 101, 45, torch.float32, integer, seed=3)
+    hidden, weight = make_inputs(37, 24, 101, torch.float32, integer, seed=3)
     if integer:
         # A tie across the shard boundary: ids 10 (rank 0) and 60 (rank 1) are the best for every token.
         weight[[10, 60]] = 20.0
         hidden = hidden.abs() + 1
-    return hidden, weight, draft_ids
+    return hidden, weight
 
 
 def _tp_rank(rank, world, impls):
@@ -129,26 +119,26 @@ def _tp_rank(rank, world, impls):
     results = {}
     for impl in impls:
         for integer in (False, True):
-            hidden, weight, draft_ids = tp_inputs(integer)
+            hidden, weight = tp_inputs(integer)
             start = 0 if rank == 0 else SPLIT_AT
             shard = weight[:SPLIT_AT] if rank == 0 else weight[SPLIT_AT:]
             kwargs = dict(chunk_tokens=16, chunk_vocab=16) if impl == "chunked" else {}
-            results[impl, integer] = fused_teacher(hidden, shard, start, group=tp_group, draft_ids=draft_ids,
-                                                   impl=impl, **kwargs)
+            results[impl, integer] = fused_teacher(hidden, shard, start, group=tp_group, impl=impl, **kwargs)[0]
     return results
 
 
 def check_tp_results(per_rank):
     for integer in (False, True):
-        hidden, weight, draft_ids = tp_inputs(integer)
-        expected_argmax, expected_draft = teacher_reference(hidden, weight, 0, draft_ids=draft_ids)
+        hidden, weight = tp_inputs(integer)
+        expected_argmax = teacher_reference(hidden, weight, 0)
         if integer:
             assert torch.all(expected_argmax == 10)
+        else:
+            assert (expected_argmax < SPLIT_AT).any() and (expected_argmax >= SPLIT_AT).any(), "both shards win"
         for results in per_rank:
-            for (impl, case), (argmax, draft) in results.items():
+            for (impl, case), argmax in results.items():
                 if case == integer:
                     assert torch.equal(argmax, expected_argmax), (impl, integer)
-                    assert torch.allclose(draft, expected_draft, rtol=1e-5, atol=1e-5), (impl, integer)
 
 
 def test_two_tp_shards_match_one(spawnable):
@@ -164,10 +154,10 @@ def test_under_triton_interpreter(run_interpreted):
     run_interpreted()
 
 
-@pytest.mark.parametrize("T,hidden_t,vocab,draft_vocab,dtype,integer,vocab_start", CASES)
-def test_triton_interpreted_matches_reference(T, hidden_t, vocab, draft_vocab, dtype, integer, vocab_start):
-    hidden, weight, draft_ids = make_inputs(T, hidden_t, vocab, draft_vocab, dtype, integer)
-    check_against_reference("triton", hidden, weight, draft_ids, vocab_start)
+@pytest.mark.parametrize("T,hidden_t,vocab,dtype,integer,vocab_start", CASES)
+def test_triton_interpreted_matches_reference(T, hidden_t, vocab, dtype, integer, vocab_start):
+    hidden, weight = make_inputs(T, hidden_t, vocab, dtype, integer)
+    check_against_reference("triton", hidden, weight, vocab_start)
 
 
 def test_triton_interpreted_two_tp_shards_match_one(spawnable):
@@ -177,6 +167,6 @@ def test_triton_interpreted_two_tp_shards_match_one(spawnable):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_on_gpu_matches_reference(dtype):
-    hidden, weight, draft_ids = make_inputs(1500, 1024, 151936, 32000, dtype, device="cuda")
-    check_against_reference("triton", hidden, weight, draft_ids.cuda())
-    check_against_reference("auto", hidden, weight, draft_ids.cuda())
+    hidden, weight = make_inputs(1500, 1024, 151936, dtype, device="cuda")
+    check_against_reference("triton", hidden, weight)
+    check_against_reference("auto", hidden, weight)
