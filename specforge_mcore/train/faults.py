@@ -9,11 +9,13 @@ Off unless ``SPECFORGE_MCORE_FAULT`` is set; a comma-separated list of
   gradient all-reduce) when the rank dies,
 * ``kill_in_save:STEP``  SIGKILL rank 0 in the middle of writing checkpoint step_STEP (first attempt only),
 * ``enospc_in_save:STEP``  the checkpoint write of step_STEP fails with "No space left on device",
-* ``nan:STEP:RANK``      rank RANK's loss becomes NaN at optimizer step STEP (1-based, every attempt).
+* ``nan:STEP:RANK``      rank RANK's loss becomes NaN at optimizer step STEP (1-based, every attempt),
+* ``stall:STEP:SECONDS`` every rank stops for SECONDS at the end of optimizer step STEP, before that step's
+  checkpoint (first attempt only): a hung job, for the scheduler to preempt, requeue or kill.
   ``STEP`` may be ``*`` for every step.
 
-"First attempt" is read from torchrun's ``TORCHELASTIC_RESTART_COUNT``: a restarted job must not be
-killed again at the same point.
+"First attempt" is read from torchrun's ``TORCHELASTIC_RESTART_COUNT`` and Slurm's ``SLURM_RESTART_COUNT``
+(set in a requeued job): a restarted job must not be killed again at the same point.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 
 def _faults() -> list[list[str]]:
@@ -29,7 +32,7 @@ def _faults() -> list[list[str]]:
 
 
 def _first_attempt() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    return all(int(os.environ.get(var) or "0") == 0 for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def _matches(value: str, actual: int) -> bool:
@@ -40,6 +43,8 @@ def after_step(step: int, rank: int) -> None:
     for fault in _faults():
         if fault[0] == "kill" and _first_attempt() and _matches(fault[1], step) and int(fault[2]) == rank:
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault[0] == "stall" and _first_attempt() and _matches(fault[1], step):
+            time.sleep(float(fault[2]))
 
 
 def in_phase(phase: str, step: int, rank: int) -> None:

@@ -6,7 +6,9 @@ CPU count taken from the config. Both daemons, and any job left in the queue, ar
 test fails.
 """
 
+import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -23,6 +25,8 @@ SlurmdUser={user}
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/none
+# Job credentials live 15 s (default 120); a requeued job waits this long before it starts again.
+AuthInfo=cred_expire=15
 CredType=cred/none
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool
@@ -37,6 +41,8 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 SchedulerType=sched/builtin
 ReturnToService=2
+# A job told to stop (scancel, requeue, preemption) gets SIGTERM, then SIGKILL this many seconds later.
+KillWait=5
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -117,6 +123,60 @@ def test_sbatch_job(tmp_path, launch, slurm):
     rank0 = (logs / next(p.name for p in logs.iterdir() if p.name.endswith("rank0.log"))).read_text(errors="replace")
     assert "launcher: slurm" in rank0, rank0[-2000:]
     launch.assert_same_curve(out, "sbatch")
+
+
+def _job_state(job: str, env: dict) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _wait_for(what: str, predicate, timeout: float, describe) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}:\n{describe()}")
+
+
+@pytest.mark.slow
+def test_sbatch_requeue_resumes_from_the_last_checkpoint(tmp_path, launch, slurm):
+    """The documented recovery path on Slurm: ``sbatch --requeue ... --resume``. The first attempt hangs at
+    the end of step 3 (fault ``stall``), after step_2 is saved; ``scontrol requeue`` (what preemption or a
+    failed node does) stops it with SIGTERM then SIGKILL; Slurm runs the batch script again with
+    SLURM_RESTART_COUNT=1, which resumes from step_2 and finishes: the same loss curve as an uninterrupted
+    run, every step in metrics.jsonl and in the append-only step ledger exactly once."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    env = dict(launch.env(LOG_DIR=str(logs), SPECFORGE_MCORE_FAULT="stall:3:600"), SLURM_CONF=slurm["SLURM_CONF"])
+    submit = subprocess.run(["sbatch", "--parsable", "--requeue", "--open-mode=append", f"--ntasks-per-node={launch.world}",
+                             f"--output={tmp_path}/%x-%j.out", "launch/slurm.sbatch", *launch.train_args(out),
+                             "train.save_every=1", "--resume"],
+                            cwd=launch.root, env=env, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    job_out = tmp_path / f"specforge-mcore-{job}.out"
+
+    def describe() -> str:
+        state = _job_state(job, env)
+        text = job_out.read_text(errors="replace")[-3000:] if job_out.exists() else "(no job output yet)"
+        ranks = "".join(p.read_text(errors="replace")[-1500:] for p in sorted(logs.rglob("*rank0.log")))
+        return f"job {job}: {state.get('JobState')} restarts={state.get('Restarts')}\n{text}\n{ranks}"
+
+    _wait_for("checkpoint step_2 of the first attempt", lambda: (out / "checkpoints/step_2/COMPLETE").exists(), 600, describe)
+    requeue = subprocess.run(["scontrol", "requeue", job], env=env, capture_output=True, text=True, timeout=60)
+    assert requeue.returncode == 0, requeue.stderr
+    _wait_for("the requeued job to finish", lambda: _job_state(job, env).get("JobState") in ("COMPLETED", "FAILED",
+              "CANCELLED", "TIMEOUT", "NODE_FAIL"), 900, describe)
+    state = _job_state(job, env)
+    assert state["JobState"] == "COMPLETED" and state.get("Restarts") == "1", describe()
+    text = job_out.read_text(errors="replace")
+    assert text.count(f"job {job}:") == 2, text[-3000:]  # the batch script ran twice, output appended
+    rank0 = "".join(p.read_text(errors="replace") for p in logs.rglob("*rank0.log"))
+    assert "resumed from" in rank0 and "step_2" in rank0, rank0[-3000:]
+    launch.assert_same_curve(out, "sbatch --requeue")
+    with open(out / "steps.ledger.jsonl") as fh:
+        ledger = [json.loads(line)["step"] for line in fh]
+    assert ledger == [1, 2, 3], f"steps in the ledger: {ledger} (step 3 of the first attempt never completed)"
 
 
 @pytest.mark.slow
