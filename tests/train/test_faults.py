@@ -376,15 +376,17 @@ def four_rank_reference(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase,rank", [("target_forward", 3), ("feature_transport", 2), ("draft_backward", 1),
-                                        ("grad_reduce", 0)])
+                                        ("grad_reduce", 0), ("save", 0)])
 def test_rank_killed_mid_phase_of_a_four_rank_run_restarts_and_matches(tmp_path, four_rank_reference, phase, rank):
     """EP2 x PP2 on 4 ranks under torchrun --max-restarts 1: one rank is SIGKILLed as it enters a phase of
-    step 3 while its peers wait in that phase's collectives; the job restarts by itself from step_2 and ends
-    with weights bitwise equal to an uninterrupted run, every step's rows seen once."""
+    step 3 while its peers wait in that phase's collectives (or, "save", rank 0 in the middle of writing the
+    final checkpoint step_4 while the others wait to finalise it); the job restarts by itself from step_2
+    and ends with weights bitwise equal to an uninterrupted run, every step's rows seen once."""
     weights, rows = four_rank_reference
     out = tmp_path / "killed"
+    fault = "kill_in_save:4" if phase == "save" else f"kill_in:{phase}:3:{rank}"
     proc = torchrun(4, ["train", "--config", "configs/tiny.yaml", "--out", str(out), *COMMON, *FOUR_RANKS],
-                    env_extra={"SPECFORGE_MCORE_FAULT": f"kill_in:{phase}:3:{rank}"}, max_restarts=1)
+                    env_extra={"SPECFORGE_MCORE_FAULT": fault}, max_restarts=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout + proc.stderr
     assert f"exitcode: -9) local_rank: {rank}" in proc.stderr, "the fault did not fire"
@@ -393,4 +395,6 @@ def test_rank_killed_mid_phase_of_a_four_rank_run_restarts_and_matches(tmp_path,
         assert torch.equal(final[key], value), f"{key} differs from the uninterrupted run after a kill in {phase}"
     assert logged_rows(out) == rows and [s for s, _ in rows] == [1, 2, 3, 4]
     lineage, repeated = ledger_lineage(out)
-    assert lineage == rows and repeated == [], "step 3 never completed before the kill: each step ran once"
+    # Killed in phase: step 3 never completed, each step ran once. Killed saving step_4: steps 3 and 4 had
+    # completed, but their checkpoint never did, so the restart ran them again from step_2 (same rows).
+    assert lineage == rows and repeated == ([3, 4] if phase == "save" else []), (lineage, repeated)
