@@ -129,3 +129,19 @@ def test_config_json_that_is_not_json(tmp_path):
     (target / "config.json").write_text('{"hidden_size": 64')
     with pytest.raises(UserError, match=r"config.json: not valid JSON"):
         read_hf_config(str(target))
+
+
+def test_tensor_missing_from_the_index_is_named(tmp_path):
+    """A sharded checkpoint whose index forgot a tensor: the first rank that needs it names the tensor."""
+    from specforge_mcore.target.sharding import ShardingRules
+
+    target = _copy_of("qwen3", tmp_path)
+    reader = SafetensorsReader(str(target))
+    missing = "model.layers.3.mlp.down_proj.weight"
+    weight_map = {key: "model.safetensors" for key in reader.key_to_file if key != missing}
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hf = read_hf_config(str(target))
+    rules = ShardingRules(hf, family_for(hf), Layout(tp=2))
+    shard = rules.shard("decoder.layers.3.mlp.linear_fc2.weight")
+    with pytest.raises(UserError, match=rf"{target}: the checkpoint has no tensor '{missing}' \({len(weight_map)} tensors"):
+        SafetensorsReader(str(target)).read_piece(shard.pieces[0])
