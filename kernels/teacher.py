@@ -168,14 +168,12 @@ def teacher_triton(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start
 
 def fused_teacher(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, group=None,
                   impl: str = "auto", chunk_tokens: int = 1024, chunk_vocab: int = 8192
-                  ) -> tuple[torch.Tensor, None]:
-    """(target_argmax int64 ``[...]`` global ids, None).
+                  ) -> torch.Tensor:
+    """The target's argmax, int64 ``[...]`` global ids.
 
     ``hidden`` is ``[..., Ht]`` (after the target's final norm); ``weight_shard`` holds the output-layer rows
     ``vocab_start .. vocab_start + V_shard`` of this rank; ``group`` is the TP group (None: one shard).
     ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
-    The second item is always None: it is where the removed draft-logits mode returned its tensor, kept
-    while target/host.py unpacks a pair.
     """
     _check(hidden, weight_shard, vocab_start)
     path = check_impl(impl, hidden.device, "teacher")
@@ -189,4 +187,4 @@ def fused_teacher(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start:
         if chunk_tokens < 1 or chunk_vocab < 1:
             raise ValueError(f"teacher: chunk sizes must be positive, got {chunk_tokens}, {chunk_vocab}")
         argmax = teacher_chunked(flat, weight_shard, vocab_start, group, chunk_tokens, chunk_vocab)
-    return argmax.reshape(lead), None
+    return argmax.reshape(lead)

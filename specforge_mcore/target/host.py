@@ -185,9 +185,9 @@ class TargetHost:
         # Its own range inside target_forward, so the profiler's phase table can show it apart.
         nvtx = torch.cuda.nvtx.range("teacher") if final_hidden.is_cuda else contextlib.nullcontext()
         with torch.profiler.record_function("teacher"), nvtx:
-            argmax, _ = fused_teacher(final_hidden.reshape(b * s, h), weight[:real], start,
-                                      group=self.tp_group if self.layout.tp > 1 else None,
-                                      impl=self.teacher_impl, chunk_tokens=self.teacher_chunk_tokens)
+            argmax = fused_teacher(final_hidden.reshape(b * s, h), weight[:real], start,
+                                   group=self.tp_group if self.layout.tp > 1 else None,
+                                   impl=self.teacher_impl, chunk_tokens=self.teacher_chunk_tokens)
         return argmax.view(b, s)
 
     def _full_logits(self, final_hidden_sbh: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,7 @@ def make_inputs(T, hidden_t, vocab, dtype, integer=False, device="cpu", seed=0):
 
 def check_against_reference(impl, hidden, weight, vocab_start=0, **kwargs):
     expected_argmax = teacher_reference(hidden, weight, vocab_start)
-    argmax, nothing = fused_teacher(hidden, weight, vocab_start, impl=impl, **kwargs)
-    assert nothing is None
+    argmax = fused_teacher(hidden, weight, vocab_start, impl=impl, **kwargs)
     assert argmax.dtype == torch.int64 and argmax.shape == hidden.shape[:1]
     if hidden.dtype == torch.float32:
         assert torch.equal(argmax, expected_argmax)
@@ -63,7 +62,7 @@ def test_ties_go_to_the_smallest_id():
     weight = torch.zeros(10, 4)
     weight[[2, 7, 9]] = 1.0  # three rows tie for the max
     for impl in ("reference", "chunked"):
-        argmax, _ = fused_teacher(hidden, weight, 100, impl=impl, chunk_vocab=4)
+        argmax = fused_teacher(hidden, weight, 100, impl=impl, chunk_vocab=4)
         assert argmax.tolist() == [102, 102, 102], impl
 
 
@@ -74,7 +73,7 @@ def test_chunked_matches_reference_at_a_realistic_shape():
 
 def test_leading_dims_and_errors():
     hidden, weight = make_inputs(8, 6, 20, torch.float32)
-    argmax, _ = fused_teacher(hidden.view(2, 4, 6), weight, 0, impl="chunked")
+    argmax = fused_teacher(hidden.view(2, 4, 6), weight, 0, impl="chunked")
     assert argmax.shape == (2, 4) and torch.equal(argmax.reshape(-1), teacher_reference(hidden, weight, 0))
     with pytest.raises(UserError, match="Triton runs only on CUDA"):
         fused_teacher(hidden, weight, 0, impl="triton")
@@ -123,7 +122,7 @@ def _tp_rank(rank, world, impls):
             start = 0 if rank == 0 else SPLIT_AT
             shard = weight[:SPLIT_AT] if rank == 0 else weight[SPLIT_AT:]
             kwargs = dict(chunk_tokens=16, chunk_vocab=16) if impl == "chunked" else {}
-            results[impl, integer] = fused_teacher(hidden, shard, start, group=tp_group, impl=impl, **kwargs)[0]
+            results[impl, integer] = fused_teacher(hidden, shard, start, group=tp_group, impl=impl, **kwargs)
     return results
 
 
