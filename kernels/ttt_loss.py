@@ -15,6 +15,18 @@ The teacher is ``teacher_hidden [T, Ht]`` (the target's final hidden state) with
 GEMMs, two online softmaxes, one pass over Vd), never as a ``[T, Vd]`` tensor. The teacher gets no
 gradient (the target is frozen).
 
+Objectives (``objective``), per position inside the mask, with ``q = softmax(z)``:
+
+* ``soft_ce``     ``-sum_v p_v log q_v`` (the default; EAGLE-3's loss);
+* ``forward_kl``  ``KL(p || q) = sum_v p_v (log p_v - log q_v)``: soft_ce minus the teacher's entropy, so the
+  same gradient, and a value that reads 0 at the optimum;
+* ``lk_alpha``    ``-log alpha`` with ``alpha = sum_v min(p_v, q_v) = 1 - TV(p, q)``, the probability that
+  speculative sampling accepts the draft's token (an LK loss, arXiv 2602.23881: it optimizes the acceptance
+  rate itself). ``d(-log alpha)/dz_j = q_j (S - [q_j < p_j]) / alpha`` with ``S = sum_{v: q_v < p_v} q_v``.
+
+The Triton path computes soft_ce; the others take the chunked path (a full ``[chunk, Vd]`` row is needed
+for ``alpha``).
+
 Paths: ``ttt_step_loss_reference`` (materialised logits: the spec), ``ttt_step_loss_chunked`` (CPU: token
 chunks with torch ops, recompute in backward), ``ttt_step_loss_triton`` (CUDA: a Triton kernel for the
 statistics, a Triton kernel that writes one token chunk's dz, cuBLAS for dx and dW).
@@ -29,15 +41,18 @@ import torch
 from ._common import (INTERPRET, accumulate_mm, autocast_off, check_impl, in_dtype, rms_norm, rms_norm_backward,
                       rms_norm_rstd, triton)
 
-__all__ = ["ttt_step_loss_reference", "ttt_step_loss_chunked", "ttt_step_loss_triton", "fused_ttt_step_loss"]
+__all__ = ["ttt_step_loss_reference", "ttt_step_loss_chunked", "ttt_step_loss_triton", "fused_ttt_step_loss",
+           "OBJECTIVES"]
 
 Weight = Union[float, torch.Tensor]
+OBJECTIVES = ("soft_ce", "forward_kl", "lk_alpha")
+_TINY = torch.finfo(torch.float32).tiny  # alpha's floor: -log alpha stays finite if p and q never overlap
 
 
 @autocast_off
 def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
                             position_mask: torch.Tensor, weight: Weight, *, teacher_hidden: torch.Tensor,
-                            teacher_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            teacher_weight: torch.Tensor, objective: str = "soft_ce") -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum, hits) with the full ``[T, Vd]`` logits: the spec the fused paths are tested against.
     Computes in ``o``'s dtype (the head's weights cast to it; the teacher's GEMM in teacher_hidden's), with
     or without autocast around it."""
@@ -46,7 +61,13 @@ def ttt_step_loss_reference(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_
     teacher_logits = (teacher_hidden @ in_dtype(teacher_weight, teacher_hidden.dtype).t()).float()
     probs = torch.softmax(teacher_logits, -1)
     teacher_choice = teacher_logits.argmax(-1)
-    per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1)
+    log_q = torch.log_softmax(logits, -1)
+    if objective == "soft_ce":
+        per_position = -(probs * log_q).sum(-1)
+    elif objective == "forward_kl":
+        per_position = (probs * (torch.log_softmax(teacher_logits, -1) - log_q)).sum(-1)
+    else:
+        per_position = -torch.minimum(probs, log_q.exp()).sum(-1).clamp_min(_TINY).log()
     mask = position_mask.bool()
     loss_sum = weight * torch.where(mask, per_position, 0.0).sum()
     hits = (logits.argmax(-1) == teacher_choice) & mask
@@ -117,13 +138,14 @@ class _TTTLossChunked(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, eps, chunk, weight, o, norm_weight, lm_head_weight, position_mask,
+    def forward(ctx, eps, chunk, weight, objective, o, norm_weight, lm_head_weight, position_mask,
                 teacher_hidden, teacher_weight):
         norm_weight, lm_head_weight, teacher_weight = _compute_dtype(ctx, o, norm_weight, lm_head_weight,
                                                                      teacher_hidden, teacher_weight)
         valid = torch.nonzero(position_mask).squeeze(1)
         lse = torch.empty(len(valid), dtype=torch.float32, device=o.device)
         teacher_lse = torch.empty_like(lse)
+        alpha = torch.empty_like(lse) if objective == "lk_alpha" else lse[:0]
         total = torch.zeros((), dtype=torch.float32, device=o.device)
         hits = torch.zeros(o.shape[0], dtype=torch.bool, device=o.device)
         for c0 in range(0, len(valid), chunk):
@@ -133,13 +155,19 @@ class _TTTLossChunked(torch.autograd.Function):
             teacher = _chunk_teacher(rows, teacher_hidden, teacher_weight)
             hits[rows] = logits.argmax(-1) == teacher.argmax(-1)
             teacher_lse[span] = _softmax_(teacher)
-            # sum_v p log_softmax(z)_v = lse(z) - sum_v p_v z_v  (sum_v p_v = 1)
-            cross = teacher.mul_(logits).sum(-1)
-            lse[span] = _logsumexp_(logits)
-            total += (lse[span] - cross).sum()
+            if objective == "lk_alpha":
+                lse[span] = _softmax_(logits)
+                alpha[span] = torch.minimum(teacher, logits).sum(-1).clamp_min_(_TINY)
+                total -= alpha[span].log().sum()
+            else:
+                entropy = torch.special.entr(teacher).sum(-1) if objective == "forward_kl" else 0.0
+                # sum_v p log_softmax(z)_v = lse(z) - sum_v p_v z_v  (sum_v p_v = 1)
+                cross = teacher.mul_(logits).sum(-1)
+                lse[span] = _logsumexp_(logits)
+                total += (lse[span] - cross - entropy).sum()
             del logits, teacher  # before the next chunk's are allocated, not after
-        ctx.eps, ctx.chunk, ctx.weight = eps, chunk, weight
-        ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_lse, teacher_hidden,
+        ctx.eps, ctx.chunk, ctx.weight, ctx.objective = eps, chunk, weight, objective
+        ctx.save_for_backward(o, norm_weight, lm_head_weight, valid, lse, teacher_lse, alpha, teacher_hidden,
                               teacher_weight)
         ctx.mark_non_differentiable(hits)
         return weight * total, hits
@@ -147,8 +175,8 @@ class _TTTLossChunked(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, grad_loss, _grad_hits):
-        o, norm_weight, lm_head_weight, valid, lse, teacher_lse, teacher_hidden, teacher_weight = ctx.saved_tensors
-        need_o, need_norm, need_head = ctx.needs_input_grad[3:6]
+        o, norm_weight, lm_head_weight, valid, lse, teacher_lse, alpha, teacher_hidden, teacher_weight = ctx.saved_tensors
+        need_o, need_norm, need_head = ctx.needs_input_grad[4:7]
         coef = grad_loss.float() * ctx.weight  # the same for every position inside the mask
         H = o.shape[1]
         d_o = torch.zeros_like(o) if need_o else None
@@ -159,11 +187,18 @@ class _TTTLossChunked(torch.autograd.Function):
             o_c = o.index_select(0, rows)
             rstd = rms_norm_rstd(o_c, ctx.eps)
             normed = (o_c.float() * rstd[:, None]).to(o.dtype) * norm_weight
-            # dz = coef * (softmax(z) - p), built in place in the recomputed logits buffer.
-            d_logits = (normed @ lm_head_weight.t()).float().sub_(lse[span, None]).exp_()
+            q = (normed @ lm_head_weight.t()).float().sub_(lse[span, None]).exp_()
             teacher_c = _chunk_teacher(rows, teacher_hidden, teacher_weight).sub_(teacher_lse[span, None]).exp_()
-            d_logits = d_logits.sub_(teacher_c).mul_(coef).to(o.dtype)
-            del teacher_c
+            if ctx.objective == "lk_alpha":
+                # dz = coef * q * (S - [q < p]) / alpha, S = sum of q where q < p
+                below = q < teacher_c
+                del teacher_c
+                mass = torch.where(below, q, 0.0).sum(-1)
+                d_logits = q.mul_(mass[:, None] - below.float()).mul_((coef / alpha[span])[:, None]).to(o.dtype)
+            else:
+                # dz = coef * (softmax(z) - p), built in place in the recomputed logits buffer.
+                d_logits = q.sub_(teacher_c).mul_(coef).to(o.dtype)
+                del teacher_c
             if need_head:
                 accumulate_mm(d_head, d_logits.t(), normed)
             if need_o or need_norm:
@@ -172,16 +207,16 @@ class _TTTLossChunked(torch.autograd.Function):
                 if need_o:
                     d_o.index_copy_(0, rows, d_o_c)
             del d_logits  # before the next chunk's is allocated, not after
-        return (None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
+        return (None, None, None, None, d_o, d_norm.to(ctx.weight_dtypes[0]) if need_norm else None,
                 d_head.to(ctx.weight_dtypes[1]) if need_head else None, None, None, None)
 
 
 def ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight, *, teacher_hidden,
-                          teacher_weight, chunk_tokens: int = 1024):
-    """The CPU path: chunks of ``chunk_tokens`` positions inside the mask, per-position statistics saved,
-    logits recomputed in backward."""
-    return _TTTLossChunked.apply(eps, chunk_tokens, weight, o, norm_weight, lm_head_weight, position_mask.bool(),
-                                 teacher_hidden, teacher_weight)
+                          teacher_weight, chunk_tokens: int = 1024, objective: str = "soft_ce"):
+    """The CPU path (and every objective but soft_ce on CUDA): chunks of ``chunk_tokens`` positions inside the
+    mask, per-position statistics saved, logits recomputed in backward."""
+    return _TTTLossChunked.apply(eps, chunk_tokens, weight, objective, o, norm_weight, lm_head_weight,
+                                 position_mask.bool(), teacher_hidden, teacher_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,18 +434,26 @@ def ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, wei
 def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, eps: float,
                         position_mask: torch.Tensor, weight: Weight, *, teacher_hidden: torch.Tensor,
                         teacher_weight: torch.Tensor, impl: str = "auto", chunk_tokens: int = 1024,
-                        return_hits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        return_hits: bool = False, objective: str = "soft_ce") -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_sum fp32 scalar, correct int64 scalar) of one TTT step; ``o`` is ``[..., H]``, the mask ``[...]``,
     the teacher the target's final hidden state ``[..., Ht]`` and the t2d rows of its output layer ``[Vd, Ht]``.
     ``return_hits``: instead of the count, the bool ``[...]`` of positions inside the mask where the draft's
     argmax equals the teacher's (per-position acceptance, for the chained acceptance estimate).
 
     ``weight`` scales the masked sum (the caller passes ``decay**i / valid_count_i``).
-    ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere).
+    ``impl``: reference | chunked | triton | auto (Triton on CUDA, chunked elsewhere; chunked for every
+    ``objective`` but soft_ce). ``objective``: soft_ce | forward_kl | lk_alpha (see the module docstring).
     """
     _check(o, norm_weight, lm_head_weight, position_mask, teacher_hidden, teacher_weight)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"ttt loss: objective={objective!r}, expected one of {', '.join(OBJECTIVES)}")
     path = check_impl(impl, o.device, "loss")
-    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    if path == "triton" and objective != "soft_ce":
+        if impl == "triton":
+            raise ValueError(f"ttt loss: objective={objective} runs on the chunked path; the Triton kernel computes "
+                             "soft_ce only (use kernels.loss=auto or chunked)")
+        path = "chunked"
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, objective=objective)
     if path == "reference":
         loss, hits = ttt_step_loss_reference(o, norm_weight, lm_head_weight, eps, position_mask, weight, **teacher)
         return loss, (hits if return_hits else hits.sum())
@@ -421,6 +464,11 @@ def fused_ttt_step_loss(o: torch.Tensor, norm_weight: torch.Tensor, lm_head_weig
     o = o.reshape(-1, H)
     position_mask = position_mask.reshape(-1)
     teacher["teacher_hidden"] = teacher_hidden.reshape(o.shape[0], -1)
-    fn = ttt_step_loss_triton if path == "triton" else ttt_step_loss_chunked
-    loss, hits = fn(o, norm_weight, lm_head_weight, eps, position_mask, weight, chunk_tokens=chunk_tokens, **teacher)
+    if path == "triton":
+        del teacher["objective"]  # soft_ce
+        loss, hits = ttt_step_loss_triton(o, norm_weight, lm_head_weight, eps, position_mask, weight,
+                                          chunk_tokens=chunk_tokens, **teacher)
+    else:
+        loss, hits = ttt_step_loss_chunked(o, norm_weight, lm_head_weight, eps, position_mask, weight,
+                                           chunk_tokens=chunk_tokens, **teacher)
     return loss, (hits.reshape(lead) if return_hits else hits.sum())

@@ -43,12 +43,12 @@ def make_inputs(T, hidden, vocab, dtype, mask="random", device="cpu", lead=()):
     return (o, norm, head, position_mask), kwargs
 
 
-def run(impl, inputs, teacher, weight=0.37, chunk_tokens=16):
+def run(impl, inputs, teacher, weight=0.37, chunk_tokens=16, objective="soft_ce"):
     o, norm, head, position_mask = inputs
     for t in (o, norm, head):
         t.grad = None
     loss, correct = fused_ttt_step_loss(o, norm, head, EPS, position_mask, weight, impl=impl,
-                                        chunk_tokens=chunk_tokens, **teacher)
+                                        chunk_tokens=chunk_tokens, objective=objective, **teacher)
     (1.7 * loss).backward()
     return dict(loss=loss.detach(), correct=correct, d_o=o.grad, d_norm=norm.grad, d_head=head.grad)
 
@@ -147,6 +147,73 @@ def test_reference_is_soft_cross_entropy():
     expected = sum(-(p[t] * torch.log_softmax(z[t], -1)).sum() for t in range(6) if mask[t]) * 0.5
     assert_close(loss, expected, 1e-6, "loss")
     assert hits.tolist() == [bool(mask[t]) and bool(z[t].argmax() == teacher_logits[t].argmax()) for t in range(6)]
+
+
+# ---- objectives: forward KL and the LK acceptance loss ---------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "lk_alpha"])
+@pytest.mark.parametrize("T,hidden,vocab,dtype,mask", CASES)
+def test_objectives_chunked_match_reference(objective, T, hidden, vocab, dtype, mask):
+    inputs, kwargs = make_inputs(T, hidden, vocab, dtype, mask)
+    compare("chunked", inputs, kwargs, TOL[dtype], objective=objective)
+
+
+def float64_objective(objective, inputs, teacher, weight=0.37):
+    """forward_kl / lk_alpha written out from their definitions in float64, differentiated by autograd."""
+    o, norm, head, mask = [t.detach().double().requires_grad_(t.dtype != torch.bool) for t in inputs]
+    normed = norm * o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + EPS)
+    log_p = torch.log_softmax(teacher["teacher_hidden"].double() @ teacher["teacher_weight"].double().t(), -1)
+    log_q = torch.log_softmax(normed @ head.t(), -1)
+    if objective == "forward_kl":
+        per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    else:  # the probability that speculative sampling accepts the draft's token, then -log
+        per_position = -torch.minimum(log_p.exp(), log_q.exp()).sum(-1).log()
+    loss = weight * (per_position * mask).sum()
+    (1.7 * loss).backward()
+    return dict(loss=loss.detach(), d_o=o.grad, d_norm=norm.grad, d_head=head.grad)
+
+
+@pytest.mark.parametrize("objective", ["forward_kl", "lk_alpha"])
+def test_objectives_against_their_definitions(objective):
+    """The analytic backward of each objective (chunked and reference) equals autograd on its definition."""
+    inputs, kwargs = make_inputs(37, 40, 50, torch.float32)
+    exact = float64_objective(objective, inputs, kwargs)
+    for impl in ("reference", "chunked"):
+        got = run(impl, inputs, kwargs, objective=objective)
+        for name in ("loss", "d_o", "d_norm", "d_head"):
+            assert_close(got[name], exact[name], 1e-5, f"{impl} {objective} {name}")
+
+
+def test_forward_kl_is_soft_ce_minus_teacher_entropy():
+    inputs, kwargs = make_inputs(37, 40, 50, torch.float32)
+    ce, kl = run("chunked", inputs, kwargs), run("chunked", inputs, kwargs, objective="forward_kl")
+    p = torch.softmax(kwargs["teacher_hidden"] @ kwargs["teacher_weight"].t(), -1)
+    entropy = torch.special.entr(p).sum(-1)[inputs[3]].sum() * 0.37
+    assert_close(kl["loss"], ce["loss"] - entropy, 1e-5, "KL = CE - H(p)")
+    assert float(kl["loss"]) > 0
+    for name in ("d_o", "d_norm", "d_head"):  # the same gradient
+        assert_close(kl[name], ce[name], 1e-6, name)
+
+
+def test_lk_alpha_is_zero_when_the_draft_equals_the_teacher_and_log_vd_apart():
+    """alpha = sum min(p, q): 1 when q = p (loss 0), and a peaked teacher against a uniform draft accepts 1/Vd."""
+    vocab, hidden = 50, 40
+    (o, norm, head, mask), _ = make_inputs(8, hidden, vocab, torch.float32, mask="all")
+    with torch.no_grad():
+        same = dict(teacher_hidden=rms_norm(o, norm, EPS).detach(), teacher_weight=head.detach().clone())
+        loss, _ = fused_ttt_step_loss(o, norm, head, EPS, mask, 1.0, impl="chunked", objective="lk_alpha", **same)
+        assert abs(float(loss)) < 1e-5
+        peaked = dict(teacher_hidden=torch.full((8, 1), 100.0), teacher_weight=torch.eye(vocab)[:, :1])
+        flat_head = torch.zeros(vocab, hidden)
+        loss, _ = fused_ttt_step_loss(o, norm, flat_head, EPS, mask, 1.0, impl="chunked", objective="lk_alpha", **peaked)
+    assert_close(loss, torch.tensor(8 * torch.log(torch.tensor(float(vocab))).item()), 1e-5, "-log(1/Vd) per position")
+
+
+def test_unknown_objective_is_refused():
+    inputs, kwargs = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="objective='tv', expected one of soft_ce, forward_kl, lk_alpha"):
+        fused_ttt_step_loss(*inputs[:3], EPS, inputs[3], 1.0, objective="tv", **kwargs)
 
 
 def test_path_selection_and_errors():
