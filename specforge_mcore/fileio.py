@@ -34,9 +34,30 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# A published directory (an export, an imported checkpoint) is read by other users, as any model directory
+# is: a server or a colleague's job may run under another account. ``tempfile.mkdtemp`` creates its directory
+# 0700 and a restrictive umask (077) makes every file 0600, so the modes are set explicitly when publishing.
+PUBLISHED_DIR_MODE = 0o755
+PUBLISHED_FILE_MODE = 0o644
+
+
+def set_published_modes(directory: str) -> None:
+    """Directories 0755 and regular files 0644 under (and including) ``directory``, whatever the umask."""
+    os.chmod(directory, PUBLISHED_DIR_MODE)
+    for root, dirs, names in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), PUBLISHED_DIR_MODE)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, PUBLISHED_FILE_MODE)
+
+
 def replace_dir(tmp: str, out_dir: str) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is set aside first and removed only
-    after the rename (put back if the rename fails), so a crash never leaves neither."""
+    """Move the finished ``tmp`` to ``out_dir`` with published modes (directories 0755, files 0644); an
+    existing ``out_dir`` is set aside first and removed only after the rename (put back if the rename
+    fails), so a crash never leaves neither."""
+    set_published_modes(tmp)
     parent = os.path.dirname(out_dir)
     old = None
     if os.path.lexists(out_dir):

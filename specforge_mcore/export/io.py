@@ -84,7 +84,6 @@ def write_export(draft: Eagle3Draft, out_dir: str, layout: str = contract.SGLANG
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a server may run as another user
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         _write_text(os.path.join(tmp, CONFIG), json.dumps(cfg, indent=2) + "\n")
         _write_text(os.path.join(tmp, README), fmt.readme(draft.arch, torch_dtype, target_path, out_dir, source))
@@ -172,12 +171,6 @@ def _read(export_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _is_export_dir(path: str) -> bool:
