@@ -24,7 +24,7 @@ import torch
 from specforge_mcore.bench.common import Measurement, measure, peak_memory_bytes, report
 from specforge_mcore.errors import UserError
 from specforge_mcore.kernels._common import rms_norm
-from specforge_mcore.kernels.ttt_loss import fused_ttt_step_loss, ttt_step_loss_reference
+from specforge_mcore.kernels.ttt_loss import OBJECTIVES, fused_ttt_step_loss, ttt_step_loss_reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EPS = 1e-6
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=7, help="TTT steps S")
     parser.add_argument("--impl", choices=["auto", "chunked", "triton"], default="auto", help="the fused path")
     parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--objective", choices=list(OBJECTIVES), default="soft_ce",
+                        help="the loss against the teacher (the liger-style path is soft_ce only)")
     parser.add_argument("--valid-fraction", type=float, default=0.7,
                         help="share of positions inside the position mask (assistant tokens whose target argmax "
                              "is in the draft vocabulary)")
@@ -101,6 +103,7 @@ def _run(args, device, dtype) -> tuple[list[Measurement], str]:
     weights = [0.8 ** i / max(int(m.sum()), 1) for i, m in enumerate(masks)]
     leaves = [*outputs, norm_weight, lm_head]
     teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    objective = dict(objective=args.objective)
 
     def unroll(step_loss: Callable) -> Callable[[], object]:
         def run():
@@ -121,17 +124,18 @@ def _run(args, device, dtype) -> tuple[list[Measurement], str]:
         raise UserError(f"--paths {args.paths!r}: expected a comma list of fused, reference, liger")
     paths = {}
     if "fused" in wanted:
-        paths["fused"] = lambda *a, **k: fused_ttt_step_loss(*a, impl=args.impl, chunk_tokens=args.chunk_tokens, **k)
+        paths["fused"] = lambda *a, **k: fused_ttt_step_loss(*a, impl=args.impl, chunk_tokens=args.chunk_tokens,
+                                                             **objective, **k)
     if "reference" in wanted:
-        paths["reference"] = ttt_step_loss_reference
-    if "liger" in wanted:
+        paths["reference"] = lambda *a, **k: ttt_step_loss_reference(*a, **objective, **k)
+    if "liger" in wanted and args.objective == "soft_ce":
         paths["liger-style chunked FLCE"] = lambda *a, **k: liger_style_step_loss(*a, chunk_tokens=args.chunk_tokens,
                                                                                    **k)
     paths["gradient floor"] = gradient_floor
     rows = [_measure(name, unroll(fn), device, args) for name, fn in paths.items()]
     title = (f"draft head + TTT loss fwd+bwd over {steps} steps: T={tokens} H={hidden} "
              f"Vd={vocab} {str(dtype).replace('torch.', '')} valid={args.valid_fraction:g} chunk={args.chunk_tokens} "
-             f"impl={args.impl}")
+             f"impl={args.impl} objective={args.objective}")
     return rows, title
 
 
