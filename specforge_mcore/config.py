@@ -81,6 +81,10 @@ class DraftConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     ttt_steps: int = 7
     ttt_decay: float = 0.8
+    # The per-position loss against the target: soft_ce (EAGLE-3's soft cross-entropy), forward_kl (the same
+    # gradient, reads 0 at the optimum), lk_alpha (-log of the acceptance probability sum_v min(p_v, q_v), an
+    # LK loss: optimizes acceptance itself). See kernels/ttt_loss.py and docs/design.md §10.
+    objective: Literal["soft_ce", "forward_kl", "lk_alpha"] = "soft_ce"
     # EAGLE-3.1: an RMSNorm on each captured layer before fc.
     per_layer_norm: bool = False
     attention_backend: Literal["auto", "reference", "flex", "csrc"] = "auto"

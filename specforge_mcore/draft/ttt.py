@@ -99,9 +99,12 @@ class TTTOutput:
 
 def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor], weights: list[float],
                attention: Callable, teacher_weight: torch.Tensor, loss_impl: str = "auto",
-               projection_impl: str = "auto", loss_chunk_tokens: int = 1024, chain_stats: bool = False) -> TTTOutput:
+               projection_impl: str = "auto", loss_chunk_tokens: int = 1024, chain_stats: bool = False,
+               objective: str = "soft_ce") -> TTTOutput:
     """Unroll the draft for ``len(masks)`` steps and return the weighted EAGLE-3 loss (module doc).
-    ``chain_stats``: also count, per step, the draft chains (rooted at each position) that reach it and pass it."""
+    ``chain_stats``: also count, per step, the draft chains (rooted at each position) that reach it and pass it.
+    ``objective``: the per-position loss against the teacher, soft_ce | forward_kl | lk_alpha
+    (``kernels/ttt_loss.py``)."""
     from specforge_mcore.kernels.ttt_loss import fused_ttt_step_loss
 
     arch = draft.arch
@@ -137,7 +140,7 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
         loss, correct = fused_ttt_step_loss(
             hidden, draft.norm.weight, draft.lm_head.weight, arch.rms_norm_eps, mask, weight,
             teacher_hidden=shift(final_hidden, 1 + i), teacher_weight=teacher_weight,
-            impl=loss_impl, chunk_tokens=loss_chunk_tokens, return_hits=chain_stats)
+            impl=loss_impl, chunk_tokens=loss_chunk_tokens, return_hits=chain_stats, objective=objective)
         if chain_stats:
             hits = correct  # [T] bool, inside the mask
             reached.append((mask if all_right is None else mask & all_right).sum())

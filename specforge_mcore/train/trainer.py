@@ -337,7 +337,8 @@ class Trainer:
         with timer("draft_forward"), self.precision.draft_autocast(dev), torch.set_grad_enabled(train):
             out = ttt_unroll(self.draft, batch, masks, weights, self.attention, self.teacher_weight,
                              loss_impl=kernels.loss, projection_impl=kernels.projection,
-                             loss_chunk_tokens=kernels.loss_chunk_tokens, chain_stats=not train)
+                             loss_chunk_tokens=kernels.loss_chunk_tokens, chain_stats=not train,
+                             objective=self.cfg.draft.objective)
         if train:
             if faults.poison_loss(self.step + 1, self.rank):
                 out.loss = out.loss * float("nan")
