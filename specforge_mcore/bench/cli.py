@@ -1,5 +1,6 @@
-"""``specforge-mcore bench <what>``: each benchmark times and measures a fast path against its
-reference in the same run and ends with ``ratio memory=<fast/ref> time=<fast/ref>``."""
+"""``specforge-mcore bench <what>``: each kernel benchmark times and measures a fast path against its
+reference in the same run and ends with ``ratio memory=<fast/ref> time=<fast/ref>``; ``recipe`` compares
+training variants by their held-out acceptance estimates."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ BENCHES = {
     "teacher": ("specforge_mcore.bench.teacher", "fused vocab-parallel teacher vs full-vocab logits"),
     "attention": ("specforge_mcore.bench.attention", "csrc TTT attention vs masked reference"),
     "train": ("specforge_mcore.bench.train", "end-to-end draft training throughput, phase split, peak memory"),
+    "recipe": ("specforge_mcore.bench.recipe", "train variants of a config, compare held-out acceptance estimates"),
 }
 
 
