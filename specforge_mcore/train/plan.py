@@ -41,6 +41,7 @@ from typing import Optional
 
 from specforge_mcore.config import RunConfig, load_config
 from specforge_mcore.errors import UserError
+from specforge_mcore.features.layout import StoreLayout
 from specforge_mcore.target.fp8 import planned_weight_bytes
 from specforge_mcore.target.sharding import ShardingRules, pipeline_split, stage_of_layer
 
@@ -328,6 +329,14 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
 
     # ---- optimizer ---------------------------------------------------------------------------------
     plan.add("optimizer", "gradients, flattened copy for the all-reduce, AdamW temporaries (fp32)", 12 * P)
+
+    store = StoreLayout(H, len(capture), 2)
+    per_sample = s * store.bytes_per_token
+    plan.notes.append(
+        f"offline feature store (bf16): {store.bytes_per_token / 1024:.1f} KiB/token, "
+        f"{fmt_bytes(per_sample)} per {s}-token row, {fmt_bytes(65536 * store.bytes_per_token)} per 64K tokens; "
+        f"keeping draft-vocabulary logits instead: x{store.logits_store_bytes_per_token(Vd) / store.bytes_per_token:.1f}, "
+        f"full-vocabulary logits: x{store.logits_store_bytes_per_token(V) / store.bytes_per_token:.1f}")
 
     if cuda:
         tensors = [h + max(plan.subtotal(p)[st] for p in plan.phases) for st, h in enumerate(plan.subtotal("held"))]

@@ -154,3 +154,19 @@ def test_plan_flags_layouts_that_do_not_divide(capsys):
     assert main(["plan", "--config", "configs/qwen3-30b-a3b.yaml"]) == 0
     out = capsys.readouterr().out
     assert "target weights" in out and "TTT activations" in out and "verdict: fits" in out
+
+
+def test_the_feature_store_size_is_planned_from_its_layout():
+    """Per token: the captured layers, the final hidden state and an int32 argmax; no logits (the teacher is
+    formed from the final hidden state and the output rows). GPT-OSS-120B: H=2880, 3 captures."""
+    from specforge_mcore.features.layout import StoreLayout
+
+    store = StoreLayout(hidden_size=2880, captures=3, dtype_bytes=2)
+    assert store.fields == {"aux_hidden": 3 * 2880 * 2, "final_hidden": 2880 * 2, "target_argmax": 4}
+    assert store.bytes_per_token == 23044
+    assert store.logits_store_bytes_per_token(201088) == 3 * 2880 * 2 + 201088 * 2
+    cfg = load_config("configs/gpt-oss-120b.yaml")
+    hf, _ = resolve_hf_config(cfg)
+    note = next(n for n in plan_memory(cfg, 8, 80 * GiB, hf=hf).notes if n.startswith("offline feature store"))
+    full = store.logits_store_bytes_per_token(hf["vocab_size"]) / store.bytes_per_token
+    assert "22.5 KiB/token" in note and "1.41 GiB per 64K tokens" in note and f"full-vocabulary logits: x{full:.1f}" in note

@@ -1,0 +1,1 @@
+"""The offline feature store: what the frozen target computes for the draft, kept on disk for reuse."""
