@@ -1,14 +1,14 @@
 """Carry captured features from the pipeline stages that own them to the ranks that train the draft.
 
 A model-parallel group (TP × PP ranks) runs the target over N sequences. Every one of its R = TP·PP ranks
-trains the draft on a distinct, contiguous shard of n = N / R of them: rank (pp, tp) gets shard
-k = pp·TP + tp, sequences [k·n, (k+1)·n). Each captured tensor lives on one stage (after the SP gather,
-identically on all its TP ranks), so shard k's pieces travel inside the pipeline group of its TP index:
-stage o sends rank (p, tp) its slice with point-to-point ops; nothing is broadcast, and a stage keeps its
-own slice without a copy over the wire.
+trains the draft on a distinct, contiguous shard of n = N / R of them; which one is decided by
+``specforge_mcore/rows.py`` (``RowShards``), the rule the trainer slices its rows with too: rank (pp, tp)
+gets shard k = pp·TP + tp, sequences [k·n, (k+1)·n). Each captured tensor lives on one stage (after the
+SP gather, identically on all its TP ranks), so shard k's pieces travel inside the pipeline group of its
+TP index: stage o sends rank (p, tp) its slice with point-to-point ops; nothing is broadcast, and a stage
+keeps its own slice without a copy over the wire.
 
-Across model-parallel groups (data parallelism) the groups already see different sequences, so the
-draft's global shard index is ``dp_rank · R + k``.
+Across model-parallel groups (data parallelism) the groups already see different sequences.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from specforge_mcore import collectives
+from specforge_mcore.rows import RowShards
 from specforge_mcore.target.host import StageCapture, TargetHost
 
 
@@ -29,32 +30,23 @@ class FeatureShard:
     aux_hidden: list[torch.Tensor]  # three [n, s, H], in capture_layer_ids order (low, mid, high)
     final_hidden: torch.Tensor  # [n, s, H]: target's last hidden state, after the final norm
     target_argmax: torch.Tensor  # [n, s] int64: target's argmax over the full vocabulary
-    sequences: tuple[int, int]  # [start, end) within the model-parallel group's N sequences
 
 
-def shard_bounds(num_sequences: int, shards: int, index: int) -> tuple[int, int]:
-    if num_sequences % shards:
-        raise ValueError(f"{num_sequences} sequences per model-parallel group cannot be split evenly over "
-                         f"its {shards} ranks (tp*pp); use a multiple of {shards}")
-    per = num_sequences // shards
-    return index * per, (index + 1) * per
-
-
-def draft_shard_index(host: TargetHost) -> tuple[int, int]:
-    """(this rank's shard index over the whole world, number of shards = world size)."""
+def row_shards(host: TargetHost) -> RowShards:
+    """This rank's place in the split of a round's rows (``specforge_mcore/rows.py``)."""
     from megatron.core import parallel_state as ps
 
-    r = host.layout.tp * host.layout.pp
-    k = host.pp_rank * host.layout.tp + host.tp_rank
-    return ps.get_data_parallel_rank() * r + k, ps.get_data_parallel_world_size() * r
+    return RowShards(ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), host.layout.tp, host.layout.pp,
+                     host.tp_rank, host.pp_rank)
 
 
-def scatter_features(host: TargetHost, captures: list[StageCapture], micro_batch_size: int,
-                     seq_len: int) -> FeatureShard:
-    """Redistribute this group's captured tensors so each rank holds its own shard (see module doc)."""
-    tp, pp = host.layout.tp, host.layout.pp
+def scatter_features(host: TargetHost, captures: list[StageCapture], micro_batch_size: int, seq_len: int,
+                     shards: RowShards) -> FeatureShard:
+    """Redistribute this group's captured tensors so each rank holds its own shard (``shards``, this
+    rank's ``row_shards``; see module doc)."""
+    pp = host.layout.pp
     num_sequences = len(captures) * micro_batch_size
-    lo, hi = shard_bounds(num_sequences, tp * pp, host.pp_rank * tp + host.tp_rank)
+    lo, hi = shards.bounds(num_sequences)
     device = next(host.model.parameters()).device
 
     owner: dict[str, int] = {f"aux{i}": host.owner_stage(c) for i, c in enumerate(host.capture_layer_ids)}
@@ -75,7 +67,7 @@ def scatter_features(host: TargetHost, captures: list[StageCapture], micro_batch
             received[name] = local[name][lo:hi]
             for dest_stage in range(pp):
                 if dest_stage != host.pp_rank:
-                    d_lo, d_hi = shard_bounds(num_sequences, tp * pp, dest_stage * tp + host.tp_rank)
+                    d_lo, d_hi = shards.bounds(num_sequences, dest_stage)
                     sends.append((local[name][d_lo:d_hi], pp_ranks[dest_stage]))
         else:
             is_ids = name == "target_argmax"
@@ -87,5 +79,4 @@ def scatter_features(host: TargetHost, captures: list[StageCapture], micro_batch
         aux_hidden=[received[f"aux{i}"] for i in range(len(host.capture_layer_ids))],
         final_hidden=received["final_hidden"],
         target_argmax=received["target_argmax"],
-        sequences=(lo, hi),
     )

@@ -109,7 +109,7 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
     from specforge_mcore.target.build import init_model_parallel
     from specforge_mcore.target.fp8 import module_bytes
     from specforge_mcore.target.host import TargetHost
-    from specforge_mcore.target.transport import draft_shard_index, scatter_features
+    from specforge_mcore.target.transport import row_shards, scatter_features
 
     init_distributed()
     results = []
@@ -125,10 +125,11 @@ def layout_worker(rank: int, world: int, hf_dir: str, layouts: list[Layout], inp
         start = time.perf_counter()
         captures = host.forward(inputs.micro_batches, want_logits=True)
         forward_seconds = time.perf_counter() - start
-        shard = scatter_features(host, captures, b, s)
+        shards = row_shards(host)
+        shard = scatter_features(host, captures, b, s, shards)
         result = dict(
             layout=str(layout), rank=rank, dp=dp % len(inputs_per_dp), pp=host.pp_rank, tp=host.tp_rank,
-            shard_index=draft_shard_index(host), shard=shard, capture_layer_ids=host.capture_layer_ids,
+            shard_index=shards.index, shard=shard, capture_layer_ids=host.capture_layer_ids,
             bytes_read=host.reader.bytes_read,
             param_bytes=module_bytes(host.model),  # FP8 weights kept natively are buffers
             load_seconds=load_seconds, forward_seconds=forward_seconds,
@@ -228,7 +229,7 @@ def compare(results: list[list[dict]], references: list[dict[str, torch.Tensor]]
             for k, tensor in r.get("layers", {}).items():
                 report.features = max(report.features, scaled_diff(tensor, ref[f"layer{k}"], valid))
             # One union per data-parallel group (several groups may share an input set).
-            group, index = divmod(r["shard_index"][0], layout.tp * layout.pp)
+            group, index = divmod(r["shard_index"], layout.tp * layout.pp)
             shards_by_dp.setdefault(group, {})[index] = r["shard"]
         # Union over the ranks of the draft shards == the full batch, in order.
         for dp, shards in shards_by_dp.items():

@@ -55,10 +55,6 @@ class BatchPlan:
     def rows_per_round(self) -> int:
         return self.global_batch // self.rounds
 
-    @property
-    def rows_per_group(self) -> int:
-        return self.rows_per_round // self.dp_groups
-
     def check(self, where: str) -> None:
         g, a, d, m, r = self.global_batch, self.rounds, self.dp_groups, self.micro_batch_size, self.shards_per_group
         unit = a * d * (m * r // math.gcd(m, r))
@@ -129,6 +125,7 @@ class Trainer:
         from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
         from specforge_mcore.target.families import family_for
         from specforge_mcore.target.host import TargetHost
+        from specforge_mcore.target.transport import row_shards
 
         self.cfg = cfg
         self.out_dir = out_dir
@@ -159,7 +156,6 @@ class Trainer:
         self.plan = BatchPlan(cfg.train.global_batch_size, cfg.optim.grad_accum, ps.get_data_parallel_world_size(),
                               tc.micro_batch_size, tc.tp * tc.pp)
         self.plan.check("config")
-        self.dp_rank = ps.get_data_parallel_rank()
         topology = describe_topology(self.layout, self.world, self.launch)
         if self.is_main and not quiet:
             print(topology, flush=True)
@@ -177,6 +173,7 @@ class Trainer:
 
         check_document_isolation(self.host)  # logs its summary; raises (on every rank) when documents leak
         self.hf = self.host.hf
+        self.shards = row_shards(self.host)  # which rows of a round this rank trains on
         self._setup_data()
         self._setup_draft()
         self._setup_optimizer()
@@ -314,14 +311,12 @@ class Trainer:
         from specforge_mcore.draft.ttt import DraftBatch, position_masks, step_weights, ttt_unroll
         from specforge_mcore.target.transport import scatter_features
 
-        group_rows = rows[self.dp_rank * self.plan.rows_per_group:(self.dp_rank + 1) * self.plan.rows_per_group]
-        micro = self._micro_batches(data, group_rows)
         with self._phase(timer, "target_forward", train):
-            captures = self.host.forward(micro)
+            captures = self.host.forward(self._micro_batches(data, self.shards.group(rows)))
         with self._phase(timer, "feature_transport", train):
-            shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length)
+            shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length, self.shards)
         del captures
-        mine = group_rows[shard.sequences[0]:shard.sequences[1]]
+        mine = self.shards.mine(rows)
         dev = self.device
         batch = DraftBatch(
             input_ids=data.input_ids[mine].to(dev), position_ids=data.position_ids[mine].to(dev),
