@@ -18,6 +18,9 @@
 Writing goes to ``OUT/checkpoints/.tmp-step_N``, every file fsynced, then one ``rename`` makes it
 ``step_N``: a reader never sees a partial checkpoint, and a crash mid-save leaves the previous one
 intact. A directory without ``COMPLETE`` is never taken for a checkpoint.
+
+``OUT/best.json`` names the checkpoint with the highest held-out acceptance-length estimate (its step,
+estimate and per-step acceptance); rotation keeps that checkpoint.
 """
 
 from __future__ import annotations
@@ -61,6 +64,26 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(out_dir: str) -> Optional[str]:
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
+
+
+BEST = "best.json"
+
+
+def read_best(out_dir: str) -> Optional[dict]:
+    """``OUT/best.json``, when the checkpoint it names still exists."""
+    path = os.path.join(out_dir, BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        best = json.load(fh)
+    return best if os.path.isdir(best.get("checkpoint", "")) else None
+
+
+def write_best(out_dir: str, best: dict) -> None:
+    tmp = os.path.join(out_dir, f".{BEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(best, fh, indent=1)
+    os.replace(tmp, os.path.join(out_dir, BEST))
 
 
 def rng_state() -> dict[str, Any]:

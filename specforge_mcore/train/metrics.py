@@ -39,6 +39,18 @@ class MetricsWriter:
             self.tb.close()
 
 
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop logged steps after ``step``: they are redone after a resume, and each step is logged once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
+
+
 STEP_LEDGER = "steps.ledger.jsonl"
 
 

@@ -4,7 +4,8 @@ One optimizer step:
 
 1. the global batch (``train.global_batch_size`` packed rows, in a seeded order per epoch) is split
    into ``optim.grad_accum`` rounds; each round's rows are split over the data-parallel groups of the
-   target, then into micro-batches;
+   target, then into micro-batches (``train/batching.py``; which rows each rank trains on:
+   ``specforge_mcore/rows.py``);
 2. each model-parallel group runs the frozen target through Megatron's pipeline schedule
    (``target_forward``) and scatters the captured features so every rank holds its own shard
    (``feature_transport``);
@@ -17,98 +18,43 @@ One optimizer step:
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import resource
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from specforge_mcore import collectives, platform
-from specforge_mcore.config import RunConfig, config_to_dict, save_config
+from specforge_mcore.config import RunConfig, save_config
+from specforge_mcore.data.prepare import load_tokenizer, prepare_data, summary
+from specforge_mcore.data.tokenize import check_same_tokenizer, check_tokenizer_matches
+from specforge_mcore.data.vocab import DraftVocab, build_draft_vocab, token_counts
+from specforge_mcore.draft.attention import select_attention_backend
+from specforge_mcore.draft.io import load_draft
+from specforge_mcore.draft.model import DraftArch, Eagle3Draft
+from specforge_mcore.draft.ttt import DraftBatch, chained_acceptance_length, position_masks, step_weights, ttt_unroll
 from specforge_mcore.errors import UserError
+from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
 from specforge_mcore.precision import DtypePolicy
-from specforge_mcore.train import faults
-
-log = logging.getLogger("specforge_mcore.train")
-
-
-@dataclass
-class BatchPlan:
-    """How a global batch of rows maps onto rounds, data-parallel groups, micro-batches and shards."""
-
-    global_batch: int
-    rounds: int  # gradient accumulation
-    dp_groups: int
-    micro_batch_size: int
-    shards_per_group: int  # tp * pp
-
-    @property
-    def rows_per_round(self) -> int:
-        return self.global_batch // self.rounds
-
-    def check(self, where: str) -> None:
-        g, a, d, m, r = self.global_batch, self.rounds, self.dp_groups, self.micro_batch_size, self.shards_per_group
-        unit = a * d * (m * r // math.gcd(m, r))
-        if g % unit:
-            raise UserError(
-                f"{where}: train.global_batch_size={g} does not split evenly: it must be a multiple of "
-                f"grad_accum({a}) × data-parallel groups({d}) × lcm(target.micro_batch_size={m}, tp·pp={r}) = {unit} "
-                f"(e.g. {unit * max(1, round(g / unit))})")
-
-
-def resolve_target_dir(cfg: RunConfig, rank: int) -> str:
-    """The target's HF directory; a random target is generated (once, by rank 0) when asked for."""
-    if cfg.target.hf_dir:
-        if not os.path.isdir(cfg.target.hf_dir):
-            raise UserError(f"target.hf_dir {cfg.target.hf_dir} does not exist (run `make setup` for the "
-                            "SmolLM2 targets, or point it at an HF model directory)")
-        return cfg.target.hf_dir
-    if cfg.target.random is None:
-        raise UserError("set target.hf_dir (an HF model directory) or target.random (a generated test target)")
-    from specforge_mcore.target.random import random_target
-
-    path = None
-    if rank == 0:
-        path = random_target(cfg.target.random.family, cfg.target.random.hf_config, cfg.target.random.seed)
-    return collectives.broadcast_object(path, src=0)
-
-
-def check_writable(out_dir: str) -> None:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise UserError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from None
-
-
-def check_fresh_start(out_dir: str, resume: bool, overwrite: bool) -> None:
-    """A fresh run must not mix its checkpoints with an earlier run's (``latest`` would pick theirs)."""
-    from specforge_mcore.train.checkpoint import checkpoints_dir, list_checkpoints
-
-    found = list_checkpoints(out_dir)
-    if resume or not found:
-        return
-    if not overwrite:
-        raise UserError(f"{out_dir} already holds checkpoints up to step_{found[-1][0]}: pass --resume to continue "
-                        "that run, --overwrite to discard it, or another --out")
-    import shutil
-
-    shutil.rmtree(checkpoints_dir(out_dir))
-    for name in ("metrics.jsonl", "training.png", "steps.ledger.jsonl", "best.json"):  # --overwrite: a new run's
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
+from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
+from specforge_mcore.target.families import family_for
+from specforge_mcore.target.host import TargetHost
+from specforge_mcore.target.packing_check import check_document_isolation
+from specforge_mcore.target.transport import row_shards, scatter_features
+from specforge_mcore.train import faults, state
+from specforge_mcore.train.batching import BatchPlan, micro_batches, step_rows
+from specforge_mcore.train.compat import check_draft_fits_target, check_fresh_start, check_writable, resolve_target_dir
+from specforge_mcore.train.metrics import MetricsWriter, append_to_ledger, plot_metrics
+from specforge_mcore.train.optim import build_optimizer, build_scheduler, clip_, global_grad_norm
+from specforge_mcore.train.phases import PhaseTimer
+from specforge_mcore.train.profile import StepProfiler
+from specforge_mcore.train.signals import TerminationRequest
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -119,13 +65,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str, resume: bool = False, quiet: bool = False):
+        # Megatron is only imported where a target is hosted (3.4 s; `plan` imports BatchPlan from here).
         from megatron.core import parallel_state as ps
-
-        from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
-        from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
-        from specforge_mcore.target.families import family_for
-        from specforge_mcore.target.host import TargetHost
-        from specforge_mcore.target.transport import row_shards
 
         self.cfg = cfg
         self.out_dir = out_dir
@@ -169,8 +110,6 @@ class Trainer:
         if self.is_main and not quiet and self.host.weights_note:
             print(self.host.weights_note, flush=True)
         # Before any data work: packed documents must not see each other in this target's attention path.
-        from specforge_mcore.target.packing_check import check_document_isolation
-
         check_document_isolation(self.host)  # logs its summary; raises (on every rank) when documents leak
         self.hf = self.host.hf
         self.shards = row_shards(self.host)  # which rows of a round this rank trains on
@@ -179,19 +118,13 @@ class Trainer:
         self._setup_optimizer()
         self.step = 0
         self.nonfinite_in_a_row = 0
-        self.best = self._load_best() if (resume or self.restarted) else None
+        self.best = state.BestCheckpoint(out_dir, self.is_main, quiet, resuming=resume or self.restarted)
         # A job restarted by torchrun (--max-restarts) continues from its latest checkpoint by itself.
         if resume or self.restarted:
-            self._resume()
+            state.resume(self)
 
     # ---- setup ----------------------------------------------------------------------------------
-    def _barrier(self) -> None:
-        collectives.barrier()
-
     def _setup_data(self) -> None:
-        from specforge_mcore.data.prepare import load_tokenizer, prepare_data, summary
-        from specforge_mcore.data.tokenize import check_same_tokenizer, check_tokenizer_matches
-
         cfg = self.cfg
         # Before any data work: a tokenizer that does not fit the target is an error, not garbage features.
         tokenizer = load_tokenizer(cfg)
@@ -201,7 +134,7 @@ class Trainer:
             train, evaluation, bad = prepare_data(cfg)
             if not self.quiet:
                 print(summary(train, evaluation, bad), flush=True)
-        self._barrier()
+        collectives.barrier()
         if not self.is_main:
             train, evaluation, bad = prepare_data(cfg)
         if len(train) < self.plan.global_batch:
@@ -218,8 +151,6 @@ class Trainer:
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps is not None else max(1, total)
 
     def _load_or_build_vocab(self):
-        from specforge_mcore.data.vocab import DraftVocab, build_draft_vocab, token_counts
-
         cfg = self.cfg
         vocab_size = int(self.hf["vocab_size"])
         if cfg.draft.init_from:
@@ -231,7 +162,7 @@ class Trainer:
             assistant, everything = token_counts(self.train_data, vocab_size)
             vocab = build_draft_vocab((assistant, everything), vocab_size, cfg.draft.draft_vocab_size)
             vocab.save(path, metadata={"coverage": f"{vocab.coverage(assistant):.6f}"})
-        self._barrier()
+        collectives.barrier()
         vocab = DraftVocab.load(path, vocab_size)
         if vocab.draft_vocab_size != cfg.draft.draft_vocab_size:
             raise UserError(f"{path} maps {vocab.draft_vocab_size} draft tokens but draft.draft_vocab_size="
@@ -239,10 +170,6 @@ class Trainer:
         return vocab
 
     def _setup_draft(self) -> None:
-        from specforge_mcore.draft.attention import select_attention_backend
-        from specforge_mcore.draft.io import load_draft
-        from specforge_mcore.draft.model import DraftArch, Eagle3Draft
-
         cfg = self.cfg
         vocab = self._load_or_build_vocab()
         torch.manual_seed(cfg.train.seed)
@@ -274,29 +201,14 @@ class Trainer:
         self.t2d = self.draft.t2d
 
     def _setup_optimizer(self) -> None:
-        from specforge_mcore.train.optim import build_optimizer, build_scheduler
-
         self.params = [(n, p) for n, p in self.draft.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.total_steps)
 
     # ---- data -----------------------------------------------------------------------------------
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_data), generator=generator)
-
     def step_rows(self, step: int) -> torch.Tensor:
         """Row indices of the global batch of optimizer step ``step`` (0-based)."""
-        epoch, index = divmod(step, self.steps_per_epoch)
-        g = self.plan.global_batch
-        return self.epoch_order(epoch)[index * g:(index + 1) * g]
-
-    def _micro_batches(self, data, rows: torch.Tensor):
-        from specforge_mcore.target.host import MicroBatch
-
-        m = self.plan.micro_batch_size
-        return [MicroBatch(data.input_ids[rows[i:i + m]], data.position_ids[rows[i:i + m]],
-                           data.document_ids[rows[i:i + m]]) for i in range(0, len(rows), m)]
+        return step_rows(len(self.train_data), self.plan.global_batch, self.cfg.train.seed, step)
 
     def _phase(self, timer, name: str, train: bool):
         """The timed phase ``name``; fault injection may kill this rank as it enters (train/faults.py)."""
@@ -308,11 +220,8 @@ class Trainer:
     def _round(self, data, rows: torch.Tensor, timer, train: bool, rounds: int):
         """Run the target and the draft over one round's rows; backprop when training.
         Returns (weighted step losses [S], correct [S], valid [S], real tokens) of this rank."""
-        from specforge_mcore.draft.ttt import DraftBatch, position_masks, step_weights, ttt_unroll
-        from specforge_mcore.target.transport import scatter_features
-
         with self._phase(timer, "target_forward", train):
-            captures = self.host.forward(self._micro_batches(data, self.shards.group(rows)))
+            captures = self.host.forward(micro_batches(data, self.shards.group(rows), self.plan.micro_batch_size))
         with self._phase(timer, "feature_transport", train):
             shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length, self.shards)
         del captures
@@ -358,8 +267,6 @@ class Trainer:
 
     # ---- optimizer step ------------------------------------------------------------------------
     def train_step(self, timer) -> dict:
-        from specforge_mcore.train.optim import clip_, global_grad_norm
-
         rows = self.step_rows(self.step)
         rounds = self.plan.rounds
         per_round = self.plan.rows_per_round
@@ -418,9 +325,6 @@ class Trainer:
         """Held-out loss and per-step accuracy, and the chained acceptance-length estimate
         ``eval_sim_al = 1 + sum_j prod_{i<=j} a_i`` from the per-step conditional acceptance ``eval_accept``
         (docs/design.md §10)."""
-        from specforge_mcore.draft.ttt import chained_acceptance_length
-        from specforge_mcore.train.phases import PhaseTimer
-
         data = self.eval_data
         per_round = self.plan.rows_per_round
         batches = min(self.cfg.train.eval_batches, len(data) // per_round)
@@ -443,135 +347,8 @@ class Trainer:
         return {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"],
                 "eval_accept": rates, "eval_sim_al": length}
 
-    # ---- the best checkpoint by the held-out acceptance-length estimate ------------------------
-    BEST = "best.json"
-
-    def _load_best(self) -> Optional[dict]:
-        path = os.path.join(self.out_dir, self.BEST)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as fh:
-            best = json.load(fh)
-        return best if os.path.isdir(best.get("checkpoint", "")) else None
-
-    def _is_new_best(self, record: dict) -> bool:
-        value = record.get("eval_sim_al")
-        return value is not None and (self.best is None or value > self.best["eval_sim_al"])
-
-    def _record_best(self, record: dict, checkpoint: str) -> None:
-        """``OUT/best.json`` names the checkpoint with the highest held-out estimate; rotation keeps it."""
-        self.best = {"step": record["step"], "eval_sim_al": record["eval_sim_al"],
-                     "eval_accept": record["eval_accept"], "checkpoint": checkpoint}
-        if self.is_main:
-            tmp = os.path.join(self.out_dir, f".{self.BEST}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(self.best, fh, indent=1)
-            os.replace(tmp, os.path.join(self.out_dir, self.BEST))
-            if not self.quiet:
-                print(f"best so far: held-out acceptance-length estimate {record['eval_sim_al']:.3f} at step "
-                      f"{record['step']} -> {checkpoint}", flush=True)
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
-            "rows_consumed": self.step * self.plan.global_batch,
-            "next_rows": self.step_rows(self.step)[:8].tolist() if self.step < self.total_steps else [],
-            "world_size": self.world,
-            "layout": str(self.layout),
-            "global_batch_size": self.plan.global_batch,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "target": target_identity(self.hf, self.hf_dir),
-        }
-
-    def save(self) -> str:
-        from specforge_mcore.data.vocab import DraftVocab
-        from specforge_mcore.draft.io import save_draft
-        from specforge_mcore.fileio import save_torch
-        from specforge_mcore.train.checkpoint import save_checkpoint
-
-        def write(directory: str) -> None:
-            save_draft(self.draft, directory)
-            DraftVocab(self.draft.d2t.cpu(), self.draft.t2d.cpu()).save(os.path.join(directory, "vocab.safetensors"))
-            save_torch({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(directory, "optimizer.pt"))
-            cfg = dict(config_to_dict(self.cfg))
-            cfg["target"] = dict(cfg["target"], hf_dir=self.hf_dir)
-            from specforge_mcore.config import config_from_dict
-
-            save_config(config_from_dict(cfg), os.path.join(directory, "config.yaml"))
-
-        from specforge_mcore.train.checkpoint import CheckpointWriteError, latest_checkpoint
-
-        try:
-            return save_checkpoint(self.out_dir, self.step, write, self.trainer_state(), self.cfg.train.keep_checkpoints,
-                                   protect=(self.best or {}).get("checkpoint"))
-        except CheckpointWriteError as exc:
-            last = latest_checkpoint(self.out_dir)
-            raise CheckpointWriteError(f"{exc}; training stopped at step {self.step}. Last good checkpoint: "
-                                       f"{last or 'none'} (resume with --resume once the disk has room)") from None
-
-    def _resume(self) -> None:
-        from safetensors.torch import load_file
-
-        from specforge_mcore.parallel import raise_together
-        from specforge_mcore.train.checkpoint import (latest_checkpoint, load_plain, load_rng, read_trainer_state,
-                                                      set_rng_state, verify_checkpoint)
-
-        path = latest_checkpoint(self.out_dir)
-        if path is None:
-            if self.is_main and not self.quiet:
-                print(f"resume: no complete checkpoint under {self.out_dir}/checkpoints; starting fresh", flush=True)
-            return
-        error = None
-        if self.is_main:  # one rank reads every byte against the manifest, not every rank
-            try:
-                verify_checkpoint(path)
-            except UserError as exc:
-                error = exc
-        raise_together(error)
-        state = read_trainer_state(path)
-        check_target_identity(state.get("target", {}), self.hf, path)
-        if state["global_batch_size"] != self.plan.global_batch:
-            raise UserError(f"{path} was trained with global_batch_size={state['global_batch_size']}; resuming with "
-                            f"{self.plan.global_batch} would change the data order. Use the same global batch.")
-        weights = load_file(os.path.join(path, "draft.safetensors"))
-        expected = self.draft.trainable_state_dict()
-        for key, tensor in weights.items():
-            if key not in expected or tuple(tensor.shape) != tuple(expected[key].shape):
-                raise UserError(f"{path}/draft.safetensors: {key} {list(tensor.shape)} does not fit this draft "
-                                f"({list(expected[key].shape) if key in expected else 'no such parameter'})")
-        missing = sorted(set(expected) - set(weights))
-        if missing:
-            raise UserError(f"{path}/draft.safetensors lacks {', '.join(missing[:5])}"
-                            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}: an incomplete or "
-                            "foreign checkpoint; resume from another one")
-        # strict=False only because the frozen target embedding (a non-persistent buffer) is never saved.
-        self.draft.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=False)
-        opt = load_plain(os.path.join(path, "optimizer.pt"), map_location=self.device)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        self.step = int(state["step"])
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        if self.is_main:
-            truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), self.step)
-        rng = load_rng(path, self.rank)
-        if rng is not None:
-            set_rng_state(rng)
-        if self.is_main and not self.quiet:
-            note = "" if state["world_size"] == self.world else \
-                f" (saved at world size {state['world_size']}, now {self.world}: the replicated draft and optimizer need no resharding)"
-            print(f"resumed from {path} at step {self.step}{note}", flush=True)
-
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        from tqdm import tqdm
-
-        from specforge_mcore.train.metrics import MetricsWriter, append_to_ledger, plot_metrics
-        from specforge_mcore.train.phases import PhaseTimer
-        from specforge_mcore.train.profile import StepProfiler
-
         cfg = self.cfg.train
         profiler = StepProfiler.for_trainer(self)  # inert unless train.profile
         writer = MetricsWriter(self.out_dir, cfg.tensorboard, append=self.step > 0) if self.is_main else None
@@ -596,9 +373,9 @@ class Trainer:
                       "phases": phases, "peak_memory_bytes": peak_memory_bytes(self.device)}
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 record.update(self.evaluate() or {})
-                if self._is_new_best(record):
-                    last_saved = self.save()
-                    self._record_best(record, last_saved)
+                if self.best.improved_by(record):
+                    last_saved = state.save(self)
+                    self.best.record(record, last_saved)
             history.append(record)
             if self.is_main:
                 append_to_ledger(self.out_dir, self.step, metrics["rows"], self.attempt)
@@ -608,7 +385,7 @@ class Trainer:
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
             if cfg.save_every and self.step % cfg.save_every == 0 and not (last_saved or "").endswith(f"step_{self.step}"):
-                last_saved = self.save()
+                last_saved = state.save(self)
             if terminate.agreed():
                 break
         bar.close()
@@ -616,7 +393,7 @@ class Trainer:
         terminate.restore()
         if self.step < self.total_steps:  # exit_after_step or SIGTERM: checkpoint and leave; --resume continues
             if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
-                last_saved = self.save()
+                last_saved = state.save(self)
             if self.is_main:
                 writer.close()
                 if terminate.signum is not None:
@@ -628,9 +405,9 @@ class Trainer:
             writer.write({"step": self.step, **final_eval})
             history.append({"step": self.step, **final_eval})
         if last_saved is None or not last_saved.endswith(f"step_{self.step}"):
-            last_saved = self.save()
-        if final_eval and self._is_new_best(final_eval):
-            self._record_best({"step": self.step, **final_eval}, last_saved)
+            last_saved = state.save(self)
+        if final_eval and self.best.improved_by(final_eval):
+            self.best.record({"step": self.step, **final_eval}, last_saved)
         if self.is_main:
             writer.close()
             if cfg.plot and history:
@@ -639,75 +416,5 @@ class Trainer:
         return history
 
 
-def truncate_metrics(path: str, step: int) -> None:
-    """Drop logged steps after ``step``: they are redone after a resume, and each step is logged once."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(keep)
-    os.replace(tmp, path)
-
-
-class TerminationRequest:
-    """SIGTERM/SIGUSR1 caught during training: the step in flight finishes, every rank agrees at the step
-    boundary (one all-reduce; a signal may reach the ranks at different steps), the run checkpoints and
-    returns cleanly. A second signal ends the process at once (a launcher tearing down a failed job sends
-    SIGTERM to ranks that may be stuck in a collective). Handlers are installed only in the main thread and
-    restored afterwards."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # a second signal (an impatient launcher): die now, as without us
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
-
-    def agreed(self) -> bool:
-        flag = collectives.all_reduce(torch.tensor([0 if self.signum is None else self.signum]), op="max")
-        if int(flag) and self.signum is None:
-            self.signum = int(flag)
-        return bool(int(flag))
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-
 class NonFiniteError(UserError):
     """Too many consecutive non-finite steps."""
-
-
-def target_identity(hf: dict, hf_dir: str) -> dict:
-    return {"hf_dir": hf_dir, "architectures": hf.get("architectures"), "hidden_size": hf["hidden_size"],
-            "vocab_size": hf["vocab_size"], "num_hidden_layers": hf["num_hidden_layers"]}
-
-
-def check_target_identity(saved: dict, hf: dict, where: str) -> None:
-    for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
-        if key in saved and saved[key] != hf[key]:
-            raise UserError(f"{where} was trained against a target with {key}={saved[key]}, but this target has "
-                            f"{key}={hf[key]} ({saved.get('hf_dir')} vs now): a draft only fits the target it was made for")
-
-
-def check_draft_fits_target(arch, hf: dict, capture_layer_ids: list[int], where: str) -> None:
-    if arch.target_hidden_size != hf["hidden_size"]:
-        raise UserError(f"{where}: the draft reads target hidden states of size {arch.target_hidden_size}, this "
-                        f"target's hidden_size is {hf['hidden_size']}")
-    if arch.vocab_size != hf["vocab_size"]:
-        raise UserError(f"{where}: the draft maps a vocabulary of {arch.vocab_size} tokens, this target has "
-                        f"vocab_size={hf['vocab_size']}")
-    if list(arch.capture_layer_ids) != list(capture_layer_ids):
-        raise UserError(f"{where}: the draft was trained on target layers {arch.capture_layer_ids}, the run "
-                        f"captures {capture_layer_ids}; set target.capture_layer_ids={arch.capture_layer_ids}")
