@@ -167,7 +167,7 @@ def _scaled_draft(draft: dict, family: str, twin_hf: dict) -> dict:
 def scaled_twin(recipe_path: str) -> tuple[dict, int, str]:
     """``(config_tree, world_size, description)`` of the recipe's scaled-down twin (module doc)."""
     from specforge_mcore.target.random import DEFAULTS
-    from specforge_mcore.train.trainer import BatchPlan
+    from specforge_mcore.train.batching import BatchPlan
 
     cfg = load_config(recipe_path)
     tree = config_to_dict(cfg)
