@@ -5,6 +5,10 @@ bonus token (so 1.0 means no draft token was ever accepted, and ``steps + 1`` is
 taken over verifications as they ran, before the last one is cut at the length limit or at the end of
 the sequence. Acceptance rate at draft position j is the fraction of verifications that accepted at
 least j draft tokens; the conditional rate divides by those that accepted at least j - 1.
+
+Speeds: ``reference`` is the batched target-only greedy decoding every generation is checked against
+(throughput); ``baseline`` is target-only greedy decoding one prompt at a time on the first few prompts,
+the same one-request-at-a-time setting as the speculative runs, and the speedup's denominator.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class ConfigResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
     @property
+    def prompts_per_second(self) -> float:
+        return len(self.prompts) / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
     def lossless(self) -> bool:
         return all(p.lossless for p in self.prompts)
 
@@ -85,6 +93,7 @@ class ConfigResult:
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
+            "prompts_per_second": self.prompts_per_second,
             "speedup": self.tokens_per_second / baseline_tokens_per_second if baseline_tokens_per_second > 0 else None,
             "lossless": self.lossless,
             "mismatched_prompts": [p.index for p in self.prompts if not p.lossless],
@@ -102,11 +111,24 @@ class EvalResults:
     baseline_seconds: float
     configs: list[ConfigResult]
     skipped_prompts: int = 0
+    reference_new_tokens: int = 0
+    reference_seconds: float = 0.0
+    reference_batch_size: int = 1
+    baseline_prompts: int = 0
+    baseline_mismatched_prompts: list[int] = field(default_factory=list)  # batched reference != one at a time
     meta: dict = field(default_factory=dict)
 
     @property
     def baseline_tokens_per_second(self) -> float:
         return self.baseline_new_tokens / self.baseline_seconds if self.baseline_seconds > 0 else float("nan")
+
+    @property
+    def reference_tokens_per_second(self) -> float:
+        return self.reference_new_tokens / self.reference_seconds if self.reference_seconds > 0 else float("nan")
+
+    @property
+    def reference_prompts_per_second(self) -> float:
+        return self.num_prompts / self.reference_seconds if self.reference_seconds > 0 else float("nan")
 
     @property
     def lossless(self) -> bool:
@@ -117,8 +139,13 @@ class EvalResults:
             "target": self.target, "draft": self.draft, "prompt_set": self.prompt_set,
             "num_prompts": self.num_prompts, "skipped_prompts": self.skipped_prompts,
             "max_new_tokens": self.max_new_tokens,
-            "baseline": {"new_tokens": self.baseline_new_tokens, "seconds": self.baseline_seconds,
-                         "tokens_per_second": self.baseline_tokens_per_second},
+            "reference": {"new_tokens": self.reference_new_tokens, "seconds": self.reference_seconds,
+                          "tokens_per_second": self.reference_tokens_per_second,
+                          "prompts_per_second": self.reference_prompts_per_second,
+                          "batch_size": self.reference_batch_size},
+            "baseline": {"prompts": self.baseline_prompts, "new_tokens": self.baseline_new_tokens,
+                         "seconds": self.baseline_seconds, "tokens_per_second": self.baseline_tokens_per_second,
+                         "matches_batched_reference": not self.baseline_mismatched_prompts},
             "lossless": self.lossless,
             "configs": [c.summary(self.baseline_tokens_per_second) for c in self.configs],
             "per_prompt": {c.config: [asdict(p) for p in c.prompts] for c in self.configs},
@@ -136,7 +163,7 @@ def markdown_table(results: EvalResults) -> str:
         rates = c.acceptance_rates()
         cells = [c.config, f"{c.mean_accept_length:.2f}"]
         cells += [f"{rates[j]:.2f}" if j < len(rates) else "" for j in range(steps)]
-        cells += [f"{c.tokens_per_second:.1f}", f"{base:.1f}", f"{c.tokens_per_second / base:.2f}x" if base > 0 else "-",
+        cells += [f"{c.tokens_per_second:.1f}", f"{base:.1f}" if base > 0 else "-", f"{c.tokens_per_second / base:.2f}x" if base > 0 else "-",
                   "yes" if c.lossless else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
