@@ -31,10 +31,12 @@ same reference for many prompts at once (left padding, a 2D attention mask and p
 each prompt's first token), which is what makes an evaluation of many prompts affordable on a CPU.
 
 Speed: both KV caches are preallocated and written in place (the target's layers are ``BufferLayer``s,
-so a forward does not copy the whole cache, and keeping the accepted path moves only the accepted rows);
-the prefill computes the logits of the last position only; the draft's committed extend runs its
-attention and MLP for the last position only (the others only need their keys and values); the tree,
-acceptance and masks work on Python lists read from each tensor once.
+so a forward does not copy the whole cache, and keeping the accepted path moves only the accepted rows).
+The prefill computes the logits of the last position only, and a verification only those of the rows
+acceptance reads, the root and the accepted nodes (when the target's logits are a plain ``lm_head`` of
+its last hidden state, checked once). The draft's committed extend runs its attention and MLP for the
+last position only (the others only need their keys and values). The tree, acceptance and masks work on
+Python lists read from each tensor once.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -162,6 +164,7 @@ class Target:
         for i in self.capture_layer_ids:
             layers[i].register_forward_hook(self._hook(i))
         self.cache = None
+        self.plain_head = self._has_plain_head()
 
     def _hook(self, layer_id: int):
         def capture(module, inputs, output):
@@ -192,6 +195,37 @@ class Target:
                          past_key_values=self.cache, use_cache=True, logits_to_keep=1 if last_only else 0)
         aux = [self._captured[i][0] for i in self.capture_layer_ids]
         return out.logits[0].float(), aux
+
+    def _has_plain_head(self) -> bool:
+        """Whether the logits are exactly ``lm_head(final hidden state)`` (no soft-capping or scaling), checked
+        on three tokens: then the verification can compute the logits of only the rows it reads."""
+        model = self.model
+        if not isinstance(getattr(model, "model", None), torch.nn.Module) or \
+                not isinstance(getattr(model, "lm_head", None), torch.nn.Module):
+            return False
+        tokens = torch.tensor([[1, 2, 3]])
+        with torch.inference_mode():
+            try:
+                logits = model(input_ids=tokens, use_cache=False).logits
+                hidden = model.model(input_ids=tokens, use_cache=False).last_hidden_state
+                return bool(torch.equal(model.lm_head(hidden), logits))
+            except Exception:  # a model that cannot be split this way keeps the full forward
+                return False
+            finally:
+                self._captured.clear()
+
+    def forward_hidden(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward`` without the output head: final hidden states [q, H] (``head`` gives a row's logits)."""
+        self._captured.clear()
+        out = self.model.model(input_ids=token_ids[None], position_ids=positions[None], attention_mask=attention_mask,
+                               past_key_values=self.cache, use_cache=True)
+        aux = [self._captured[i][0] for i in self.capture_layer_ids]
+        return out.last_hidden_state[0], aux
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (fp32) of final hidden states (only with ``plain_head``)."""
+        return self.model.lm_head(hidden).float()
 
     def forward_batch(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor
                       ) -> torch.Tensor:
@@ -530,8 +564,12 @@ class SpeculativeDecoder:
             tree = self.draft_tree(output, committed - 1)
             verify_tokens = torch.tensor([root] + [node.token for node in tree])
             positions = torch.tensor([committed] + [committed + 1 + node.depth for node in tree])
-            logits, aux = target.forward(verify_tokens, positions, self._verify_mask(tree, committed))
-            path, bonus = self._accept(tree, logits)
+            if target.plain_head:  # the head only for the rows acceptance reads (about accept length of them)
+                hidden, aux = target.forward_hidden(verify_tokens, positions, self._verify_mask(tree, committed))
+                path, bonus = self._accept(tree, lambda row: int(target.head(hidden[row]).argmax()))
+            else:
+                logits, aux = target.forward(verify_tokens, positions, self._verify_mask(tree, committed))
+                path, bonus = self._accept(tree, logits.argmax(-1).tolist().__getitem__)
             accept_lengths.append(len(path) + 1)  # accepted drafts + the bonus: tokens this verification emits
             rows = [0] + [1 + i for i in path]
             target.keep_rows(committed, rows)
@@ -545,17 +583,19 @@ class SpeculativeDecoder:
         return Generation(tokens, time.perf_counter() - start, accept_lengths, prefill)
 
     @staticmethod
-    def _accept(tree: list[Node], logits: torch.Tensor) -> tuple[list[int], int]:
-        """Greedy acceptance from the root: the accepted node indices and the bonus token."""
+    def _accept(tree: list[Node], argmax: Callable[[int], int]) -> tuple[list[int], int]:
+        """Greedy acceptance from the root: the accepted node indices and the bonus token. ``argmax(row)`` is
+        the target's greedy token at verification row ``row`` (0 = the root, 1 + i = node i); it is asked
+        only for the root and the accepted nodes."""
         children: dict[int, dict[int, int]] = {}
         for i, node in enumerate(tree):
             children.setdefault(node.parent, {})[node.token] = i
-        best = logits.argmax(-1).tolist()
         path, current, row = [], -1, 0
         while True:
-            child = children.get(current, {}).get(best[row])
+            best = argmax(row)
+            child = children.get(current, {}).get(best)
             if child is None:
-                return path, best[row]
+                return path, best
             path.append(child)
             current, row = child, 1 + child
 

@@ -57,6 +57,35 @@ def test_batched_reference_stops_each_row_at_its_eos(tiny_target_model):
         greedy_generate_batch(target, prompts, 10, set(), batch_size=0)
 
 
+def test_head_per_row_and_its_check(tiny_target):
+    """``forward_hidden`` + ``head`` give the rows of ``forward``'s logits; a model whose logits are not a
+    plain lm_head of the last hidden state (here: scaled) is recognised and keeps the full forward."""
+    model = load_target(tiny_target[0])
+    target = Target(model, [1, 3, 4])
+    assert target.plain_head
+    prompt, tokens = torch.tensor([5, 900, 31, 4000]), torch.tensor([77, 12, 8])
+    with torch.inference_mode():
+        target.reset()
+        target.forward(prompt, torch.arange(4))
+        logits, aux = target.forward(tokens, torch.arange(4, 7))
+        target.reset()
+        target.forward(prompt, torch.arange(4))
+        hidden, aux_hidden = target.forward_hidden(tokens, torch.arange(4, 7))
+        for row in range(3):
+            torch.testing.assert_close(target.head(hidden[row]), logits[row], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(aux_hidden[row], aux[row], rtol=0, atol=0)
+
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    model.forward = scaled
+    assert not Target(model, [1, 3, 4]).plain_head
+
+
 def test_buffer_layer_is_the_concatenated_cache():
     """Appends beyond the capacity (the buffer grows), keeps a prefix path without copying and a tree
     path by moving its rows: always what concatenating and indexing would give."""

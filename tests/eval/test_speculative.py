@@ -82,8 +82,11 @@ def tiny(tiny_target, random_draft):
     ("3,2,6", {}, [4, 4, 4, 4]),                      # tree, the right chain ranked first
     ("3,2,6", {"second": True}, [2] * 8),             # tree, right token only second: one accepted, via branch 2
 ], ids=["chain", "chain-first-only", "tree", "tree-second-branch"])
-def test_acceptance_accounting(tiny, config, kwargs, expected):
+@pytest.mark.parametrize("plain_head", [True, False], ids=["head-per-row", "full-logits"])
+def test_acceptance_accounting(tiny, config, kwargs, expected, plain_head, monkeypatch):
     target, draft = tiny
+    assert target.plain_head  # a Llama's logits are lm_head(last hidden state)
+    monkeypatch.setattr(target, "plain_head", plain_head)
     prompt = torch.tensor([17, 4242, 99, 12000, 7, 31000, 5])
     reference = greedy_generate(target, prompt, 17, eos_ids=set())
     oracle = Oracle(target, draft, SpecConfig.parse(config), set(),
@@ -195,9 +198,9 @@ def test_run_eval_reports_and_cli(tiny_target, tiny_export, smollm2_dir, tmp_pat
 def test_lossless_failure_fails_the_command(tiny_target, tiny_export, smollm2_dir, tmp_path, monkeypatch, capsys):
     original = SpeculativeDecoder._accept
 
-    def corrupt(tree, logits):  # a broken verifier: emits a wrong bonus token
-        path, bonus = original(tree, logits)
-        return path, (bonus + 1) % logits.shape[-1]
+    def corrupt(tree, argmax):  # a broken verifier: emits a wrong bonus token
+        path, bonus = original(tree, argmax)
+        return path, (bonus + 1) % 1000
 
     monkeypatch.setattr(SpeculativeDecoder, "_accept", staticmethod(corrupt))
     prompts = tmp_path / "prompts.txt"
