@@ -107,6 +107,11 @@ class DataConfig:
     on_bad_sample: Literal["skip", "error"] = "skip"
     cache_dir: Optional[str] = None  # default: <out>/../.cache/data or $SPECFORGE_MCORE_CACHE
     vocab_file: Optional[str] = None  # a saved draft vocab (d2t/t2d); built when absent
+    # An offline feature store (specforge_mcore/features/store.py). Complete: the training rows' features are
+    # read from it instead of running the target (held-out evaluation still runs the target). Absent or
+    # unfinished with train.cache_features: the first epoch runs online and writes it.
+    features: Optional[str] = None
+    features_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     num_workers: int = 0
     seed: int = 0
 
@@ -152,6 +157,8 @@ class TrainConfig:
     resume: bool = False
     # Starting afresh where checkpoints exist is refused unless overwrite (then they are deleted).
     overwrite: bool = False
+    # Write the first epoch's features to data.features while training on them; later epochs read them.
+    cache_features: bool = False
     max_nonfinite_steps: int = 5
     tensorboard: bool = False
     plot: bool = True

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -132,9 +132,10 @@ def _read_ledger(path: str) -> list[dict]:
     return shards
 
 
-def finalize(root: str, expected_rows: Optional[int] = None) -> dict:
+def finalize(root: str, expected_rows: Union[int, Iterable[int], None] = None) -> dict:
     """Merge every rank's ledger into ``index.json`` (row -> shard, position), write the manifest and mark the
-    store COMPLETE. A row stored twice or, with ``expected_rows``, a row missing is an error."""
+    store COMPLETE. A row stored twice or, with ``expected_rows`` (a count or the row ids), a row missing is
+    an error."""
     shard_dir = os.path.join(root, SHARDS)
     index: dict[int, tuple[str, int]] = {}
     for ledger in sorted(f for f in os.listdir(shard_dir) if f.endswith(".jsonl")):
@@ -144,9 +145,10 @@ def finalize(root: str, expected_rows: Optional[int] = None) -> dict:
                     raise UserError(f"{root}: row {row} is stored twice ({index[row][0]} and {shard['file']})")
                 index[row] = (shard["file"], position)
     if expected_rows is not None:
-        missing = sorted(set(range(expected_rows)) - set(index))
+        expected = set(range(expected_rows)) if isinstance(expected_rows, int) else set(expected_rows)
+        missing = sorted(expected - set(index))
         if missing:
-            raise UserError(f"{root}: {len(missing)} of {expected_rows} rows have no features yet "
+            raise UserError(f"{root}: {len(missing)} of {len(expected)} rows have no features yet "
                             f"(first {missing[:5]}); run dump-features again to finish it")
     write_bytes(os.path.join(root, INDEX), (json.dumps({str(r): v for r, v in sorted(index.items())}) + "\n").encode())
     write_manifest(root, exclude=(COMPLETE,))

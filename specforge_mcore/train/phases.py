@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-PHASES = ("target_forward", "feature_transport", "teacher", "draft_forward", "draft_backward", "grad_reduce", "optimizer")
+PHASES = ("target_forward", "feature_transport", "feature_read", "teacher", "draft_forward", "draft_backward", "grad_reduce", "optimizer")
 
 
 class PhaseTimer:

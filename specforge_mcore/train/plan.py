@@ -198,7 +198,7 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
     from specforge_mcore.target.build import Layout, check_layout
     from specforge_mcore.target.families import family_for
     from specforge_mcore.target.host import check_capture_layer_ids, default_capture_layer_ids
-    from specforge_mcore.train.trainer import BatchPlan
+    from specforge_mcore.train.batching import BatchPlan
 
     if hf is None:
         hf, where = resolve_hf_config(cfg)

@@ -28,9 +28,9 @@ import torch.distributed as dist
 
 from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
+from specforge_mcore.train.phases import PHASES as TIMED_PHASES
 
-PHASES = ("target_forward", "feature_transport", "teacher", "draft_forward", "draft_backward", "grad_reduce",
-          "optimizer", "other")
+PHASES = TIMED_PHASES + ("other",)
 
 
 def parse_profile_steps(text: str, total_steps: int, where: str = "train.profile_steps") -> tuple[int, int]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from specforge_mcore import collectives, platform
 from specforge_mcore.config import RunConfig, save_config
-from specforge_mcore.data.prepare import load_tokenizer, prepare_data, summary
+from specforge_mcore.data.prepare import cache_key, load_tokenizer, prepare_data, summary
 from specforge_mcore.data.tokenize import check_same_tokenizer, check_tokenizer_matches
 from specforge_mcore.data.vocab import DraftVocab, build_draft_vocab, token_counts
 from specforge_mcore.draft.attention import select_attention_backend
@@ -40,6 +40,10 @@ from specforge_mcore.draft.io import load_draft
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.draft.ttt import DraftBatch, chained_acceptance_length, position_masks, step_weights, ttt_unroll
 from specforge_mcore.errors import UserError
+from specforge_mcore.features.cache import FeatureCache
+from specforge_mcore.features.layout import StoreLayout
+from specforge_mcore.features.store import DTYPES as STORE_DTYPES
+from specforge_mcore.features.store import store_identity
 from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
 from specforge_mcore.precision import DtypePolicy
 from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
@@ -49,7 +53,8 @@ from specforge_mcore.target.packing_check import check_document_isolation
 from specforge_mcore.target.transport import row_shards, scatter_features
 from specforge_mcore.train import faults, state
 from specforge_mcore.train.batching import BatchPlan, micro_batches, step_rows
-from specforge_mcore.train.compat import check_draft_fits_target, check_fresh_start, check_writable, resolve_target_dir
+from specforge_mcore.train.compat import (check_draft_fits_target, check_fresh_start, check_writable, resolve_target_dir,
+                                          target_identity)
 from specforge_mcore.train.metrics import MetricsWriter, append_to_ledger, plot_metrics
 from specforge_mcore.train.optim import build_optimizer, build_scheduler, clip_, global_grad_norm
 from specforge_mcore.train.phases import PhaseTimer
@@ -114,6 +119,7 @@ class Trainer:
         self.hf = self.host.hf
         self.shards = row_shards(self.host)  # which rows of a round this rank trains on
         self._setup_data()
+        self.features = self._setup_features()
         self._setup_draft()
         self._setup_optimizer()
         self.step = 0
@@ -137,6 +143,8 @@ class Trainer:
         collectives.barrier()
         if not self.is_main:
             train, evaluation, bad = prepare_data(cfg)
+        self.data_key, data_identity = cache_key(cfg, tokenizer)
+        self.tokenizer_identity = data_identity["tokenizer"]
         if len(train) < self.plan.global_batch:
             raise UserError(f"the training data has {len(train)} packed rows, fewer than one global batch "
                             f"(train.global_batch_size={self.plan.global_batch})")
@@ -149,6 +157,19 @@ class Trainer:
         self.steps_per_epoch = len(train) // self.plan.global_batch
         total = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps is not None else max(1, total)
+
+    def _setup_features(self) -> Optional[FeatureCache]:
+        """``data.features``: the offline feature store of the training rows (features/cache.py)."""
+        cfg = self.cfg
+        if not cfg.data.features:
+            return None
+        dtype = cfg.data.features_dtype
+        layout = StoreLayout(int(self.hf["hidden_size"]), len(self.host.capture_layer_ids),
+                             torch.tensor([], dtype=STORE_DTYPES[dtype]).element_size())
+        target = {k: v for k, v in target_identity(self.hf, self.hf_dir).items() if k != "hf_dir"}
+        identity = store_identity(layout, dtype, cfg.data.max_length, target, self.host.capture_layer_ids,
+                                  self.tokenizer_identity, {"cache_key": self.data_key})
+        return FeatureCache(cfg.data.features, identity, self.rank, self.is_main, cfg.train.cache_features, self.quiet)
 
     def _load_or_build_vocab(self):
         cfg = self.cfg
@@ -220,18 +241,26 @@ class Trainer:
     def _round(self, data, rows: torch.Tensor, timer, train: bool, rounds: int):
         """Run the target and the draft over one round's rows; backprop when training.
         Returns (weighted step losses [S], correct [S], valid [S], real tokens) of this rank."""
-        with self._phase(timer, "target_forward", train):
-            captures = self.host.forward(micro_batches(data, self.shards.group(rows), self.plan.micro_batch_size))
-        with self._phase(timer, "feature_transport", train):
-            shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length, self.shards)
-        del captures
         mine = self.shards.mine(rows)
         dev = self.device
+        if self.features is not None and data is self.train_data and self.features.covers(rows):
+            with timer("feature_read"):  # the offline feature store has this round's rows: no target forward
+                aux, final, argmax = self.features.read(mine)
+                aux, final, argmax = [a.to(dev) for a in aux], final.to(dev), argmax.to(dev)
+        else:
+            with self._phase(timer, "target_forward", train):
+                captures = self.host.forward(micro_batches(data, self.shards.group(rows), self.plan.micro_batch_size))
+            with self._phase(timer, "feature_transport", train):
+                shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length, self.shards)
+            del captures
+            aux, final, argmax = shard.aux_hidden, shard.final_hidden, shard.target_argmax
+            if self.features is not None and data is self.train_data:
+                self.features.write(mine, aux, final, argmax)
         batch = DraftBatch(
             input_ids=data.input_ids[mine].to(dev), position_ids=data.position_ids[mine].to(dev),
             document_ids=data.document_ids[mine].to(dev), assistant_mask=data.assistant_mask[mine].to(dev),
-            aux_hidden=[self.precision.to_draft(h) for h in shard.aux_hidden],
-            final_hidden=self.precision.to_draft(shard.final_hidden), target_argmax=shard.target_argmax)
+            aux_hidden=[self.precision.to_draft(h) for h in aux],
+            final_hidden=self.precision.to_draft(final), target_argmax=argmax)
         steps = self.cfg.draft.ttt_steps
         masks = position_masks(batch, self.t2d, steps)
         valid = torch.stack([m.sum() for m in masks]).to(torch.float64)
@@ -365,6 +394,8 @@ class Trainer:
             profiler.begin(self.step)
             start = time.perf_counter()
             metrics = self.train_step(timer)
+            if self.features is not None and self.step == self.steps_per_epoch:
+                self.features.end_of_epoch({r for k in range(self.steps_per_epoch) for r in self.step_rows(k).tolist()})
             seconds = time.perf_counter() - start
             phases = timer.take()
             profiler.end(self.step, phases, seconds)
