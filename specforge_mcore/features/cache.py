@@ -15,7 +15,7 @@ import torch
 
 from specforge_mcore import collectives
 from specforge_mcore.errors import UserError
-from specforge_mcore.features.store import FeatureStore, FeatureStoreWriter, finalize
+from specforge_mcore.features.store import FeatureStore, FeatureStoreWriter, finalize, stored_rows
 from specforge_mcore.fileio import COMPLETE
 
 
@@ -48,14 +48,22 @@ class FeatureCache:
     def read(self, rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         return self.reader.read(rows)
 
-    def write(self, rows: torch.Tensor, aux: list[torch.Tensor], final: torch.Tensor, argmax: torch.Tensor) -> None:
+    def write(self, rows: torch.Tensor, aux: list[torch.Tensor], final: torch.Tensor, argmax: torch.Tensor,
+              skip: frozenset = frozenset()) -> None:
+        """Store the rows not stored yet by this rank, nor listed in ``skip`` (rows other ranks stored)."""
         if self.writer is None:
             return
-        done = self.writer.done
+        done = self.writer.done | skip
         keep = torch.tensor([i for i, r in enumerate(rows.tolist()) if r not in done], dtype=torch.long)
         if len(keep):
             self.writer.add(rows[keep], [a[keep.to(a.device)] for a in aux], final[keep.to(final.device)],
                             argmax[keep.to(argmax.device)])
+
+    def stored_by_all(self) -> frozenset:
+        """Every rank's stored rows, after each flushed its buffer (a collective)."""
+        self.writer.flush()
+        collectives.barrier()
+        return frozenset(stored_rows(self.root))
 
     def end_of_epoch(self, epoch_rows: set[int]) -> None:
         """After the first epoch: finish the store and read from it; if rows are missing (a resume skipped

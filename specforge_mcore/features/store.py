@@ -59,6 +59,8 @@ class FeatureStoreWriter:
             raise UserError(f"feature store dtype {identity['dtype']!r}: expected one of {', '.join(DTYPES)}")
         self.root, self.rank, self.rows_per_shard = root, rank, rows_per_shard
         self.dtype = DTYPES[identity["dtype"]]
+        self.bytes_per_token = StoreLayout(identity["hidden_size"], identity["captures"],
+                                           torch.tensor([], dtype=self.dtype).element_size()).bytes_per_token
         os.makedirs(os.path.join(root, SHARDS), exist_ok=True)
         path = os.path.join(root, IDENTITY)
         if os.path.isfile(path):
@@ -84,8 +86,10 @@ class FeatureStoreWriter:
 
     @property
     def done(self) -> set[int]:
-        """Rows of this rank already safely in the store."""
-        return {row for shard in self.shards for row in shard["rows"]}
+        """Rows of this rank in the store or waiting in the buffer for the next shard (a new writer after a
+        crash starts from the rows safely stored)."""
+        return {row for shard in self.shards for row in shard["rows"]} | \
+            {row for part in self._buffer for row in part[0].tolist()}
 
     def add(self, rows: torch.Tensor, aux: list[torch.Tensor], final: torch.Tensor, argmax: torch.Tensor) -> None:
         """``rows`` [n] packed-row ids; ``aux`` C tensors [n, L, H]; ``final`` [n, L, H]; ``argmax`` [n, L]."""
@@ -130,6 +134,13 @@ def _read_ledger(path: str) -> list[dict]:
             if i != last:  # only the line being appended when the writer died may be cut
                 raise UserError(f"{path}:{i + 1}: not a JSON line (the ledger is damaged)") from None
     return shards
+
+
+def stored_rows(root: str) -> set[int]:
+    """The rows every rank's ledger lists so far."""
+    shard_dir = os.path.join(root, SHARDS)
+    return {row for ledger in os.listdir(shard_dir) if ledger.endswith(".jsonl")
+            for shard in _read_ledger(os.path.join(shard_dir, ledger)) for row in shard["rows"]}
 
 
 def finalize(root: str, expected_rows: Union[int, Iterable[int], None] = None) -> dict:

@@ -377,6 +377,44 @@ class Trainer:
                 "eval_accept": rates, "eval_sim_al": length}
 
     # ---- the loop ------------------------------------------------------------------------------
+    def dump_features(self) -> dict:
+        """``specforge-mcore dump-features``: run the target over every training row and write their features
+        to ``data.features`` (no draft training), so any epoch's order reads only stored rows; rounds already
+        stored are skipped (a rerun after a crash continues). Returns the store's summary."""
+        writer = self.features.writer if self.features is not None else None
+        if writer is None:
+            return {"rows": len(self.features.reader) if self.features is not None else 0, "already_complete": True}
+        per_round, n = self.plan.rows_per_round, len(self.train_data)
+        order = torch.arange(n)
+        # Whole rounds in row order; a last, overlapping round takes the remainder (stored rows are skipped).
+        rounds = [order[i:i + per_round] for i in range(0, n - per_round + 1, per_round)]
+        rounds += [order[n - per_round:]] if n % per_round else []
+        bar = tqdm(total=len(rounds), desc="dump-features", unit="round", disable=not self.is_main or self.quiet,
+                   dynamic_ncols=True)
+        start, written = time.perf_counter(), 0
+        with torch.no_grad():
+            for number, rows in enumerate(rounds):
+                # The last round may overlap rows another rank stored: skip those too.
+                skip = self.features.stored_by_all() if number == len(rounds) - 1 and n % per_round else frozenset()
+                done = writer.done | skip
+                # Every rank decides from the whole round (rows other ranks wrote are in their ledgers).
+                flag = torch.tensor([0 if all(r in done for r in self.shards.mine(rows).tolist()) else 1])
+                collectives.all_reduce(flag)
+                if int(flag):
+                    captures = self.host.forward(micro_batches(self.train_data, self.shards.group(rows),
+                                                               self.plan.micro_batch_size))
+                    shard = scatter_features(self.host, captures, self.plan.micro_batch_size,
+                                             self.train_data.max_length, self.shards)
+                    self.features.write(self.shards.mine(rows), shard.aux_hidden, shard.final_hidden,
+                                        shard.target_argmax, skip)
+                    written += len(rows) * self.train_data.max_length * writer.bytes_per_token
+                bar.update(1)
+                bar.set_postfix(MiB_s=f"{written / 2**20 / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
+        bar.close()
+        self.features.end_of_epoch(set(range(n)))
+        return {"rows": len(self.features.reader) if self.features.reader is not None else 0,
+                "seconds": time.perf_counter() - start, "already_complete": False}
+
     def fit(self) -> list[dict]:
         cfg = self.cfg.train
         profiler = StepProfiler.for_trainer(self)  # inert unless train.profile

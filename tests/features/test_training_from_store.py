@@ -48,3 +48,29 @@ def test_bf16_store_trains_within_bf16_rounding(tmp_path):
     cached, _, _ = train(tmp_path / "cached", f"data.features={tmp_path / 'store'}", "train.cache_features=true")
     assert cached[0] == online[0]  # epoch 1 is online
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(online), rtol=1e-3, atol=0)
+
+
+def _dump_worker(rank, world, cfg_tree, work):
+    from specforge_mcore.config import config_from_dict
+    from specforge_mcore.train.trainer import Trainer
+
+    return Trainer(config_from_dict(cfg_tree), work, quiet=True).dump_features()
+
+
+@pytest.mark.slow
+def test_dumped_at_ep2_on_two_ranks_trained_on_one(tmp_path):
+    """dump-features in one layout (EP2, 2 ranks), training from the store in another (1 process): the
+    losses of the online 1-process run, to fp32 noise (the EP2 target sums in another order)."""
+    store = tmp_path / "store"
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path / 'work'}", *COMMON, "target.ep=2",
+                                            "train.global_batch_size=2",
+                                            f"data.features={store}", "train.cache_features=true",
+                                            "data.features_dtype=float32"])
+    summaries = spawn(_dump_worker, 2, config_to_dict(cfg), str(tmp_path / "work"))
+    assert summaries[0]["rows"] == 7 and not summaries[0]["already_complete"]
+    assert {len(json.loads(line)["rows"]) for ledger in (store / "shards").glob("*.jsonl")
+            for line in ledger.read_text().splitlines()} and len(list((store / "shards").glob("*.jsonl"))) == 2
+    online, _, _ = train(tmp_path / "online")
+    stored, phases, _ = train(tmp_path / "stored", f"data.features={store}", "data.features_dtype=float32")
+    assert all("target_forward" not in p for p in phases)
+    torch.testing.assert_close(torch.tensor(stored), torch.tensor(online), rtol=1e-5, atol=0)
