@@ -222,7 +222,8 @@ def _run_eval(target_dir, draft_dir, prompt_set, specs, limit, max_new_tokens, o
             result.prompts.append(report.PromptResult(
                 index=index, prompt_tokens=int(prompt.numel()), new_tokens=len(gen.tokens),
                 verifications=len(gen.accept_lengths), accept_lengths=gen.accept_lengths, seconds=gen.seconds,
-                lossless=mismatch is None, first_mismatch=mismatch))
+                lossless=mismatch is None, first_mismatch=mismatch, prefill_seconds=gen.prefill_seconds,
+                draft_seconds=gen.draft_seconds, verify_seconds=gen.verify_seconds))
         results.configs.append(result)
     if out_dir:
         report.write_all(results, out_dir)
@@ -233,8 +234,8 @@ def throughput_lines(results: report.EvalResults) -> list[str]:
     """Prompts/s and tokens/s of each phase, to plan a longer evaluation."""
     n = results.num_prompts
     lines = [f"[eval] target-only greedy reference: {n} prompts, {results.reference_new_tokens} new tokens in "
-             f"{results.reference_seconds:.1f} s (batches of {results.reference_batch_size}, "
-             f"{results.meta.get('threads')} threads): {results.reference_tokens_per_second:.1f} tokens/s, "
+             f"{results.reference_seconds:.1f} s (batches of {results.reference_batch_size}, threads: "
+             f"{results.meta.get('threads')}): {results.reference_tokens_per_second:.1f} tokens/s, "
              f"{results.reference_prompts_per_second:.3g} prompts/s"]
     if results.baseline_prompts:
         lines.append(f"[eval] target-only greedy one prompt at a time (first {results.baseline_prompts}, the speedup's "
@@ -243,7 +244,8 @@ def throughput_lines(results: report.EvalResults) -> list[str]:
         lines.append(f"[eval] speculative {config.config}: {len(config.prompts)} prompts, {config.new_tokens} new tokens "
                      f"in {config.seconds:.1f} s: {config.tokens_per_second:.1f} tokens/s, "
                      f"{config.prompts_per_second:.3g} prompts/s ({_rate(config.seconds, len(config.prompts)):.2f} s "
-                     "per prompt)")
+                     "per prompt; " + ", ".join(f"{name} {100 * _rate(part, config.seconds):.0f}%"
+                                                for name, part in config.seconds_split().items()) + ")")
     return lines
 
 

@@ -29,6 +29,9 @@ class PromptResult:
     seconds: float
     lossless: bool
     first_mismatch: Optional[int] = None
+    prefill_seconds: float = 0.0  # the parts of ``seconds`` (speculative.Generation)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
 
 @dataclass
@@ -75,6 +78,13 @@ class ConfigResult:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    def seconds_split(self) -> dict[str, float]:
+        """Where the time went, summed over prompts: target prefill, draft, target verification, the rest."""
+        split = {"prefill": sum(p.prefill_seconds for p in self.prompts), "draft": sum(p.draft_seconds for p in self.prompts),
+                 "verify": sum(p.verify_seconds for p in self.prompts)}
+        split["other"] = self.seconds - sum(split.values())
+        return split
+
     @property
     def prompts_per_second(self) -> float:
         return len(self.prompts) / self.seconds if self.seconds > 0 else float("nan")
@@ -94,6 +104,7 @@ class ConfigResult:
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
             "prompts_per_second": self.prompts_per_second,
+            "seconds_split": self.seconds_split(),
             "speedup": self.tokens_per_second / baseline_tokens_per_second if baseline_tokens_per_second > 0 else None,
             "lossless": self.lossless,
             "mismatched_prompts": [p.index for p in self.prompts if not p.lossless],

@@ -376,7 +376,14 @@ class Generation:
     tokens: list[int]  # generated tokens (the prompt excluded)
     seconds: float
     accept_lengths: list[int] = field(default_factory=list)  # per verification: accepted drafts + bonus
-    prefill_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the target's prefill forward
+    draft_seconds: float = 0.0  # the draft: committed extends and tree drafting
+    verify_seconds: float = 0.0  # the target's verification forwards and the logits acceptance reads
+
+    @property
+    def other_seconds(self) -> float:
+        """Everything else: masks, KV bookkeeping, the Python loop."""
+        return self.seconds - self.prefill_seconds - self.draft_seconds - self.verify_seconds
 
 
 def _stop(tokens: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int]) -> bool:
@@ -545,7 +552,8 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> Generation:
         target, runner, cfg = self.target, self.runner, self.config
-        start = time.perf_counter()
+        clock = time.perf_counter
+        start = clock()
         n = prompt.numel()
         capacity = n + max_new_tokens + cfg.num_draft_tokens + cfg.max_candidates
         target.reset(capacity)
@@ -553,23 +561,31 @@ class SpeculativeDecoder:
         logits, aux = target.forward(prompt, torch.arange(n), last_only=True)
         tokens: list[int] = []
         root = int(logits[-1].argmax())
-        prefill = time.perf_counter() - start
-        accept_lengths: list[int] = []
+        result = Generation(tokens, 0.0, [], prefill_seconds=clock() - start)
+        accept_lengths = result.accept_lengths
         if _stop(tokens, [root], max_new_tokens, self.eos_ids):
-            return Generation(tokens, time.perf_counter() - start, accept_lengths, prefill)
+            result.seconds = clock() - start
+            return result
+        t0 = clock()
         next_tokens = torch.cat([prompt[1:], torch.tensor([root])])
         output = runner.extend(aux, next_tokens, torch.arange(n), last_only=True)[-1]
         while True:
             committed = target.cached  # positions 0..committed-1 are in both caches; the root sits at `committed`
             tree = self.draft_tree(output, committed - 1)
+            t1 = clock()
             verify_tokens = torch.tensor([root] + [node.token for node in tree])
             positions = torch.tensor([committed] + [committed + 1 + node.depth for node in tree])
+            mask = self._verify_mask(tree, committed)
+            t2 = clock()
             if target.plain_head:  # the head only for the rows acceptance reads (about accept length of them)
-                hidden, aux = target.forward_hidden(verify_tokens, positions, self._verify_mask(tree, committed))
+                hidden, aux = target.forward_hidden(verify_tokens, positions, mask)
                 path, bonus = self._accept(tree, lambda row: int(target.head(hidden[row]).argmax()))
             else:
-                logits, aux = target.forward(verify_tokens, positions, self._verify_mask(tree, committed))
+                logits, aux = target.forward(verify_tokens, positions, mask)
                 path, bonus = self._accept(tree, logits.argmax(-1).tolist().__getitem__)
+            t3 = clock()
+            result.draft_seconds += t1 - t0
+            result.verify_seconds += t3 - t2
             accept_lengths.append(len(path) + 1)  # accepted drafts + the bonus: tokens this verification emits
             rows = [0] + [1 + i for i in path]
             target.keep_rows(committed, rows)
@@ -577,10 +593,12 @@ class SpeculativeDecoder:
             if _stop(tokens, emitted, max_new_tokens, self.eos_ids):
                 break
             index = torch.tensor(rows)
+            t0 = clock()
             output = runner.extend([a[index] for a in aux], torch.tensor(emitted), committed + torch.arange(len(rows)),
                                    last_only=True)[-1]
             root = bonus
-        return Generation(tokens, time.perf_counter() - start, accept_lengths, prefill)
+        result.seconds = clock() - start
+        return result
 
     @staticmethod
     def _accept(tree: list[Node], argmax: Callable[[int], int]) -> tuple[list[int], int]:

@@ -3,6 +3,7 @@ prompt alone, token for token; the preallocated KV caches behave as the concaten
 and ``--num-prompts all``; the CLI reports prompts/s and tokens/s."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -180,6 +181,9 @@ def test_num_prompts_all_and_the_speed_lines(tiny_target, tiny_export, smollm2_d
     assert results.lossless and results.num_prompts == 3 and not results.baseline_mismatched_prompts
     assert results.reference_tokens_per_second > 0 and results.reference_prompts_per_second > 0
     assert results.configs[0].prompts_per_second > 0 and results.meta["threads"] == 1
+    split = results.configs[0].seconds_split()
+    assert split["verify"] > 0 and split["draft"] > 0 and split["prefill"] > 0 and split["other"] >= 0
+    assert sum(split.values()) == pytest.approx(results.configs[0].seconds)
 
     argv = ["eval", "--target", tiny_target[0], "--draft", tiny_export, "--prompts", str(prompts), "--tokenizer",
             smollm2_dir, "--num-prompts", "all", "--max-new-tokens", "4", "--configs", "2,1,3", "--batch-size", "2"]
@@ -188,5 +192,6 @@ def test_num_prompts_all_and_the_speed_lines(tiny_target, tiny_export, smollm2_d
     assert "[eval] target-only greedy reference: 3 prompts" in out and "(batches of 2" in out
     assert "[eval] target-only greedy one prompt at a time (first 2" in out
     assert "[eval] speculative 2,1,3: 3 prompts" in out and "prompts/s" in out and "tokens/s" in out
+    assert re.search(r"s per prompt; prefill \d+%, draft \d+%, verify \d+%, other \d+%\)", out)
     assert cli_main(argv[:-2] + ["--num-prompts", "none"]) == 2
     assert "--num-prompts 'none': expected a positive integer or 'all'" in capsys.readouterr().err
