@@ -35,12 +35,20 @@ FORMAT = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def store_identity(layout: StoreLayout, dtype: str, max_length: int, target: dict, capture_layer_ids: list[int],
-                   tokenizer: dict, data: dict) -> dict:
+def store_identity(hidden_size: int, captures: int, dtype: str, max_length: int, target: dict,
+                   capture_layer_ids: list[int], tokenizer: dict, data: dict) -> dict:
     """What a store holds features of; a reader's must equal the writer's key by key."""
-    return {"format": FORMAT, "hidden_size": layout.hidden_size, "captures": layout.captures, "dtype": dtype,
+    if dtype not in DTYPES:
+        raise UserError(f"feature store dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return {"format": FORMAT, "hidden_size": hidden_size, "captures": captures, "dtype": dtype,
             "max_length": max_length, "target": target, "capture_layer_ids": list(capture_layer_ids),
             "tokenizer": tokenizer, "data": data}
+
+
+def layout_of(identity: dict) -> StoreLayout:
+    """The per-token layout of the store ``identity`` describes."""
+    return StoreLayout(identity["hidden_size"], identity["captures"],
+                       torch.tensor([], dtype=DTYPES[identity["dtype"]]).element_size())
 
 
 def check_identity(root: str, stored: dict, expected: dict) -> None:
@@ -55,12 +63,9 @@ class FeatureStoreWriter:
     """One rank's writer. ``add`` buffers rows; every ``rows_per_shard`` rows become one shard file."""
 
     def __init__(self, root: str, identity: dict, rank: int, rows_per_shard: int = 64):
-        if identity["dtype"] not in DTYPES:
-            raise UserError(f"feature store dtype {identity['dtype']!r}: expected one of {', '.join(DTYPES)}")
         self.root, self.rank, self.rows_per_shard = root, rank, rows_per_shard
         self.dtype = DTYPES[identity["dtype"]]
-        self.bytes_per_token = StoreLayout(identity["hidden_size"], identity["captures"],
-                                           torch.tensor([], dtype=self.dtype).element_size()).bytes_per_token
+        self.bytes_per_token = layout_of(identity).bytes_per_token
         os.makedirs(os.path.join(root, SHARDS), exist_ok=True)
         path = os.path.join(root, IDENTITY)
         if os.path.isfile(path):

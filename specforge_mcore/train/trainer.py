@@ -41,8 +41,6 @@ from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.draft.ttt import DraftBatch, chained_acceptance_length, position_masks, step_weights, ttt_unroll
 from specforge_mcore.errors import UserError
 from specforge_mcore.features.cache import FeatureCache
-from specforge_mcore.features.layout import StoreLayout
-from specforge_mcore.features.store import DTYPES as STORE_DTYPES
 from specforge_mcore.features.store import store_identity
 from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
 from specforge_mcore.precision import DtypePolicy
@@ -163,11 +161,11 @@ class Trainer:
         cfg = self.cfg
         if not cfg.data.features:
             return None
-        dtype = cfg.data.features_dtype
-        layout = StoreLayout(int(self.hf["hidden_size"]), len(self.host.capture_layer_ids),
-                             torch.tensor([], dtype=STORE_DTYPES[dtype]).element_size())
+        # The target's features depend on its weights and the dtype it computes in, not on where it lives.
         target = {k: v for k, v in target_identity(self.hf, self.hf_dir).items() if k != "hf_dir"}
-        identity = store_identity(layout, dtype, cfg.data.max_length, target, self.host.capture_layer_ids,
+        target["dtype"] = str(self.precision.target).removeprefix("torch.")
+        identity = store_identity(int(self.hf["hidden_size"]), len(self.host.capture_layer_ids),
+                                  cfg.data.features_dtype, cfg.data.max_length, target, self.host.capture_layer_ids,
                                   self.tokenizer_identity, {"cache_key": self.data_key})
         return FeatureCache(cfg.data.features, identity, self.rank, self.is_main, cfg.train.cache_features, self.quiet)
 

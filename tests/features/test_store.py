@@ -14,7 +14,7 @@ L, H, C = 5, 6, 3
 
 
 def identity(dtype="float32", capture=(1, 3, 4)):
-    return store_identity(StoreLayout(H, C, 4 if dtype == "float32" else 2), dtype, L, {"hidden_size": H},
+    return store_identity(H, C, dtype, L, {"hidden_size": H},
                           list(capture), {"vocab_size": 100}, {"key": "abc"})
 
 
