@@ -2,11 +2,12 @@
 
 Loads the export (not the training checkpoint: what is measured is what is served), runs target-only
 greedy decoding of every prompt (the reference; batched, ``--batch-size`` prompts per forward), then
-speculative decoding (one prompt at a time, as a server decodes one request) for each
-``STEPS,TOPK,NUM_DRAFT_TOKENS`` config. Every speculative generation must equal the reference token for
-token; otherwise the command reports where and exits 1. The speedup's baseline is target-only greedy
-decoding one prompt at a time, timed on the first ``--baseline-prompts`` prompts (whose outputs must also
-equal the batched reference).
+speculative decoding for each ``STEPS,TOPK,NUM_DRAFT_TOKENS`` config: one prompt at a time, as a server
+decodes one request, or, for chains with ``--spec-batch-size N``, N prompts together (eval/batched.py;
+each prompt gets exactly what it gets alone). Every speculative generation must equal the reference
+token for token; otherwise the command reports where and exits 1. The speedup's baseline is target-only
+greedy decoding one prompt at a time, timed on the first ``--baseline-prompts`` prompts (whose outputs must
+also equal the batched reference); a batched config is compared with the batched reference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer
 from specforge_mcore.data.conversations import ROLE_MAP
 from specforge_mcore.errors import UserError
 from specforge_mcore.eval import report
+from specforge_mcore.eval.batched import ChainBatchDecoder, generate_batched
 from specforge_mcore.eval.speculative import (SpecConfig, SpeculativeDecoder, Target, check_pair, default_threads,
                                               eos_token_ids, first_mismatch, greedy_generate, greedy_generate_batch,
                                               load_target)
@@ -143,10 +145,12 @@ def run_eval(target_dir: str, draft_dir: str, prompt_set: str = "gsm8k",
              configs: Sequence[str | SpecConfig] = DEFAULT_CONFIGS, num_prompts: Optional[int | str] = 8,
              max_new_tokens: int = 64, out_dir: Optional[str] = None, tokenizer_dir: Optional[str] = None,
              max_prompt_tokens: int = 1024, dtype: str = "float32", progress: bool = True, batch_size: int = 16,
-             baseline_prompts: int = 2, threads: Optional[int] = None) -> report.EvalResults:
+             baseline_prompts: int = 2, threads: Optional[int] = None, spec_batch_size: int = 1
+             ) -> report.EvalResults:
     """Evaluate the export in ``draft_dir`` against ``target_dir`` (the function ``make demo`` calls).
 
-    ``num_prompts``: a count, or None / ``"all"``. ``threads``: CPU threads (default ``default_threads()``;
+    ``num_prompts``: a count, or None / ``"all"``. ``spec_batch_size``: prompts decoded speculatively
+    together (chain configs; 1 = one at a time, the latency of a single request). ``threads``: CPU threads (default ``default_threads()``;
     the previous setting is restored on return). Returns the results (``results.lossless`` tells whether
     every speculative generation matched greedy decoding); with ``out_dir``, also writes ``eval.json``,
     ``eval.md`` and ``eval.png`` there.
@@ -155,8 +159,9 @@ def run_eval(target_dir: str, draft_dir: str, prompt_set: str = "gsm8k",
     limit = parse_num_prompts(num_prompts)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: expected a positive integer")
-    if batch_size < 1 or baseline_prompts < 0:
-        raise UserError(f"--batch-size {batch_size} / --baseline-prompts {baseline_prompts}: expected >= 1 / >= 0")
+    if batch_size < 1 or baseline_prompts < 0 or spec_batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} / --baseline-prompts {baseline_prompts} / --spec-batch-size "
+                        f"{spec_batch_size}: expected >= 1 / >= 0 / >= 1")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise UserError(f"--dtype {dtype!r}: expected float32 or bfloat16")
@@ -166,13 +171,15 @@ def run_eval(target_dir: str, draft_dir: str, prompt_set: str = "gsm8k",
     torch.set_num_threads(threads or default_threads())
     try:
         return _run_eval(target_dir, draft_dir, prompt_set, specs, limit, max_new_tokens, out_dir, tokenizer_dir,
-                         max_prompt_tokens, dtype, torch_dtype, progress, batch_size, baseline_prompts)
+                         max_prompt_tokens, dtype, torch_dtype, progress, batch_size, baseline_prompts,
+                         spec_batch_size)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_eval(target_dir, draft_dir, prompt_set, specs, limit, max_new_tokens, out_dir, tokenizer_dir,
-              max_prompt_tokens, dtype, torch_dtype, progress, batch_size, baseline_prompts) -> report.EvalResults:
+              max_prompt_tokens, dtype, torch_dtype, progress, batch_size, baseline_prompts,
+              spec_batch_size) -> report.EvalResults:
     draft = load_export(draft_dir).eval()
     model = load_target(target_dir, torch_dtype)
     check_pair(model, draft, target_dir, draft_dir)
@@ -213,11 +220,21 @@ def _run_eval(target_dir, draft_dir, prompt_set, specs, limit, max_new_tokens, o
               "torch": torch.__version__, "threads": torch.get_num_threads(), "target_dtype": dtype,
               "verification": "one target forward per round with a 4D tree attention mask"})
     for spec in specs:
-        decoder = SpeculativeDecoder(target, draft, spec, eos)
-        result = report.ConfigResult(spec.label, spec.steps, spec.topk, spec.num_draft_tokens)
-        for index, (prompt, ref) in enumerate(tqdm(list(zip(prompts, references)), desc=f"speculative {spec.label}",
-                                                    unit="prompt", disable=not progress)):
-            gen = decoder.generate(prompt, max_new_tokens)
+        batched = spec_batch_size > 1 and spec.topk == 1 and target.plain_head
+        result = report.ConfigResult(spec.label, spec.steps, spec.topk, spec.num_draft_tokens,
+                                     batch_size=spec_batch_size if batched else 1)
+        with tqdm(total=len(prompts), desc=f"speculative {spec.label}" + (f" (batches of {spec_batch_size})"
+                  if batched else ""), unit="prompt", disable=not progress) as bar:
+            if batched:
+                generations = generate_batched(ChainBatchDecoder(target, draft, spec, eos), prompts, max_new_tokens,
+                                               spec_batch_size, progress=bar.update)
+            else:
+                decoder = SpeculativeDecoder(target, draft, spec, eos)
+                generations = []
+                for prompt in prompts:
+                    generations.append(decoder.generate(prompt, max_new_tokens))
+                    bar.update(1)
+        for index, (prompt, ref, gen) in enumerate(zip(prompts, references, generations)):
             mismatch = first_mismatch(ref.tokens, gen.tokens)
             result.prompts.append(report.PromptResult(
                 index=index, prompt_tokens=int(prompt.numel()), new_tokens=len(gen.tokens),
@@ -241,8 +258,9 @@ def throughput_lines(results: report.EvalResults) -> list[str]:
         lines.append(f"[eval] target-only greedy one prompt at a time (first {results.baseline_prompts}, the speedup's "
                      f"baseline): {results.baseline_tokens_per_second:.1f} tokens/s")
     for config in results.configs:
-        lines.append(f"[eval] speculative {config.config}: {len(config.prompts)} prompts, {config.new_tokens} new tokens "
-                     f"in {config.seconds:.1f} s: {config.tokens_per_second:.1f} tokens/s, "
+        batching = f"batches of {config.batch_size}" if config.batch_size > 1 else "one prompt at a time"
+        lines.append(f"[eval] speculative {config.config} ({batching}): {len(config.prompts)} prompts, "
+                     f"{config.new_tokens} new tokens in {config.seconds:.1f} s: {config.tokens_per_second:.1f} tokens/s, "
                      f"{config.prompts_per_second:.3g} prompts/s ({_rate(config.seconds, len(config.prompts)):.2f} s "
                      "per prompt; " + ", ".join(f"{name} {100 * _rate(part, config.seconds):.0f}%"
                                                 for name, part in config.seconds_split().items()) + ")")
@@ -267,6 +285,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="target dtype")
     parser.add_argument("--out", default=None, help="directory for eval.json, eval.md and eval.png")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward of the target-only reference")
+    parser.add_argument("--spec-batch-size", type=int, default=1,
+                        help="prompts decoded speculatively together (chain configs, topk 1): faster to measure "
+                             "acceptance on many prompts; the speedup is then against the batched reference "
+                             "(default 1: one at a time, the latency of a single request)")
     parser.add_argument("--baseline-prompts", type=int, default=2,
                         help="prompts also decoded target-only one at a time: the speedup's baseline (0: no speedup)")
     parser.add_argument("--threads", type=int, default=None,
@@ -277,7 +299,8 @@ def main(args: argparse.Namespace) -> int:
     configs = args.configs or [f"{args.steps},{args.topk},{args.num_draft_tokens}"]
     results = run_eval(args.target, args.draft, args.prompts, configs, args.num_prompts, args.max_new_tokens,
                        args.out, args.tokenizer, args.max_prompt_tokens, args.dtype, batch_size=args.batch_size,
-                       baseline_prompts=args.baseline_prompts, threads=args.threads)
+                       baseline_prompts=args.baseline_prompts, threads=args.threads,
+                       spec_batch_size=args.spec_batch_size)
     print(report.markdown_table(results))
     for line in throughput_lines(results):
         print(line)

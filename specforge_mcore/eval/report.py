@@ -8,7 +8,9 @@ least j draft tokens; the conditional rate divides by those that accepted at lea
 
 Speeds: ``reference`` is the batched target-only greedy decoding every generation is checked against
 (throughput); ``baseline`` is target-only greedy decoding one prompt at a time on the first few prompts,
-the same one-request-at-a-time setting as the speculative runs, and the speedup's denominator.
+the same one-request-at-a-time setting as the speculative runs, and the speedup's denominator. A config
+decoded in batches (``--spec-batch-size``, chains only) is compared with the batched reference instead:
+throughput against throughput.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ConfigResult:
     topk: int
     num_draft_tokens: int
     prompts: list[PromptResult] = field(default_factory=list)
+    batch_size: int = 1  # prompts decoded together (1: one at a time, as a single request is served)
 
     @property
     def accept_lengths(self) -> list[int]:
@@ -96,6 +99,7 @@ class ConfigResult:
     def summary(self, baseline_tokens_per_second: float) -> dict:
         return {
             "config": self.config, "steps": self.steps, "topk": self.topk, "num_draft_tokens": self.num_draft_tokens,
+            "batch_size": self.batch_size,
             "mean_accept_length": self.mean_accept_length,
             "acceptance_rate": self.acceptance_rates(),
             "conditional_acceptance_rate": self.conditional_acceptance_rates(),
@@ -133,6 +137,11 @@ class EvalResults:
     def baseline_tokens_per_second(self) -> float:
         return self.baseline_new_tokens / self.baseline_seconds if self.baseline_seconds > 0 else float("nan")
 
+    def speedup_base(self, config: ConfigResult) -> float:
+        """The target-only tokens/s a config is compared with: one prompt at a time, or the batched
+        reference for a config decoded in batches."""
+        return self.reference_tokens_per_second if config.batch_size > 1 else self.baseline_tokens_per_second
+
     @property
     def reference_tokens_per_second(self) -> float:
         return self.reference_new_tokens / self.reference_seconds if self.reference_seconds > 0 else float("nan")
@@ -158,7 +167,7 @@ class EvalResults:
                          "seconds": self.baseline_seconds, "tokens_per_second": self.baseline_tokens_per_second,
                          "matches_batched_reference": not self.baseline_mismatched_prompts},
             "lossless": self.lossless,
-            "configs": [c.summary(self.baseline_tokens_per_second) for c in self.configs],
+            "configs": [c.summary(self.speedup_base(c)) for c in self.configs],
             "per_prompt": {c.config: [asdict(p) for p in c.prompts] for c in self.configs},
             "meta": self.meta,
         }
@@ -169,8 +178,8 @@ def markdown_table(results: EvalResults) -> str:
     head = ["config (steps,topk,draft tokens)", "accept length"] + [f"acc@{j}" for j in range(1, steps + 1)]
     head += ["tok/s spec", "tok/s target", "speedup", "lossless"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = results.baseline_tokens_per_second
     for c in results.configs:
+        base = results.speedup_base(c)
         rates = c.acceptance_rates()
         cells = [c.config, f"{c.mean_accept_length:.2f}"]
         cells += [f"{rates[j]:.2f}" if j < len(rates) else "" for j in range(steps)]

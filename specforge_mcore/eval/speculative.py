@@ -236,6 +236,27 @@ class Target:
         self._captured.clear()
         return out.logits[:, -1].float()
 
+    def forward_rows(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Rows of tokens [B, q] at positions [B, q], a 2D mask [B, cached + q] over the cache slots ->
+        final hidden states [B, q, H] and the captured layers (three [B, q, H_t]); ``head`` gives logits."""
+        self._captured.clear()
+        out = self.model.model(input_ids=token_ids, position_ids=positions, attention_mask=attention_mask,
+                               past_key_values=self.cache, use_cache=True)
+        aux = [self._captured[i] for i in self.capture_layer_ids]
+        self._captured.clear()
+        return out.last_hidden_state, aux
+
+    def keep_batch_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` of the cache (finished sequences leave a batch)."""
+        for layer in self.cache.layers:
+            if not isinstance(layer, BufferLayer):
+                raise UserError(f"batched speculative decoding needs a dynamic KV cache, the target uses "
+                                f"{type(layer).__name__}")
+            if layer.is_initialized:
+                layer._keys, layer._values = layer._keys[rows], layer._values[rows]
+                layer._set_length(layer.length)
+
     def keep_rows(self, committed: int, rows: list[int]) -> None:
         """Keep the committed prefix and, after it, the entries ``committed + r`` (the root and the
         accepted path), in this order."""

@@ -191,7 +191,7 @@ def test_num_prompts_all_and_the_speed_lines(tiny_target, tiny_export, smollm2_d
     out = capsys.readouterr().out
     assert "[eval] target-only greedy reference: 3 prompts" in out and "(batches of 2" in out
     assert "[eval] target-only greedy one prompt at a time (first 2" in out
-    assert "[eval] speculative 2,1,3: 3 prompts" in out and "prompts/s" in out and "tokens/s" in out
+    assert "[eval] speculative 2,1,3 (one prompt at a time): 3 prompts" in out and "prompts/s" in out and "tokens/s" in out
     assert re.search(r"s per prompt; prefill \d+%, draft \d+%, verify \d+%, other \d+%\)", out)
     assert cli_main(argv[:-2] + ["--num-prompts", "none"]) == 2
     assert "--num-prompts 'none': expected a positive integer or 'all'" in capsys.readouterr().err
