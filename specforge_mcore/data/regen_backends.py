@@ -45,6 +45,7 @@ class Settings:
     top_p: float = 1.0
     seed: int = 0
     thinking: Optional[bool] = None  # enable_thinking for the chat template; None: the template's default
+    max_turns: Optional[int] = None  # answer only the first N assistant turns; the conversation ends there
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,6 +54,8 @@ class Settings:
             raise UserError(f"--temperature {self.temperature}: expected 0 (greedy) or a positive temperature")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p {self.top_p}: expected a probability in (0, 1]")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise UserError(f"--max-turns {self.max_turns}: expected at least 1 assistant turn")
 
     @property
     def sampling(self) -> bool:

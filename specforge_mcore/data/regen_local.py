@@ -34,10 +34,14 @@ class LocalBackend:
     name = "local"
     workers = 1  # one batch at a time: the model uses every core it is given
 
-    def __init__(self, model, tokenizer, settings: Settings, batch_size: int = 8, model_name: str = ""):
+    def __init__(self, model, tokenizer, settings: Settings, batch_size: int = 8, model_name: str = "",
+                 max_context_tokens: Optional[int] = None):
         settings.check()
         if batch_size < 1:
             raise UserError(f"--batch-size {batch_size}: expected at least 1 conversation per batch")
+        if max_context_tokens is not None and max_context_tokens < 1:
+            raise UserError(f"--max-context-tokens {max_context_tokens}: expected a positive number of tokens")
+        self.max_context_tokens = max_context_tokens
         self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
         self.model_name = model_name or str(getattr(model, "name_or_path", "") or "model")
         self.pad_id = pad_token_id(tokenizer)
@@ -54,7 +58,7 @@ class LocalBackend:
 
     @classmethod
     def from_dir(cls, target_dir: str, settings: Settings, batch_size: int = 8, dtype: str = "float32",
-                 tokenizer_dir: Optional[str] = None) -> "LocalBackend":
+                 tokenizer_dir: Optional[str] = None, max_context_tokens: Optional[int] = None) -> "LocalBackend":
         if dtype not in DTYPES:
             raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         if not os.path.isfile(os.path.join(target_dir, "config.json")):
@@ -68,7 +72,8 @@ class LocalBackend:
         if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
             raise UserError(f"--target {tokenizer_dir or target_dir}: the tokenizer has no chat template; "
                             f"regenerate renders every context with it")
-        return cls(model, tokenizer, settings, batch_size, model_name=os.path.abspath(target_dir))
+        return cls(model, tokenizer, settings, batch_size, model_name=os.path.abspath(target_dir),
+                   max_context_tokens=max_context_tokens)
 
     def _generation_config(self):
         s = self.settings
@@ -105,6 +110,9 @@ class LocalBackend:
                     replies[rows[j]] = Reply(refused=f"prompt too long: {n} tokens plus --max-new-tokens "
                                                      f"{self.settings.max_new_tokens} exceed the model's "
                                                      f"{self.max_positions} positions")
+                elif self.max_context_tokens and n > self.max_context_tokens:
+                    replies[rows[j]] = Reply(refused=f"context too long: {n} tokens, --max-context-tokens "
+                                                     f"{self.max_context_tokens}")
                 else:
                     keep.append(j)
             if keep:

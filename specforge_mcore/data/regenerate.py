@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 REASONS = ("ok", "length", "empty", "refused", "failed")
 WRITTEN = ("ok", "length")
 FINAL = ("empty", "refused")  # a rerun would get the same answer: not asked again
-SETTINGS_KEYS = ("backend", "model", "temperature", "top_p", "max_new_tokens", "seed", "thinking")
+SETTINGS_KEYS = ("backend", "model", "temperature", "top_p", "max_new_tokens", "seed", "thinking", "max_turns")
 FSYNC_SECONDS = 2.0
 SOURCES = ("sharegpt", "sharegpt:train", "sharegpt:heldout")  # the packaged sources read_conversations knows
 
@@ -104,11 +104,16 @@ def read_jobs(inputs: Sequence[str], bad: BadSamples, max_samples: Optional[int]
 
 def regenerate_batch(backend: Backend, jobs: list[Job]) -> list[Outcome]:
     """Answer every assistant turn of ``jobs``, turn by turn; each backend call takes the next turn of every
-    conversation still going. A conversation stops at its first empty, refused or failed turn."""
+    conversation still going. A conversation stops at its first empty, refused or failed turn. With
+    ``max_turns`` only the first N assistant turns are answered and the conversation ends after them."""
     outcomes = []
+    limit = backend.settings.max_turns
     for job in jobs:
         messages = [dict(m) for m in job.conversation.messages]
-        outcomes.append(Outcome(job, messages, [i for i, m in enumerate(messages) if m["role"] == "assistant"]))
+        positions = [i for i, m in enumerate(messages) if m["role"] == "assistant"][:limit]
+        if positions:
+            messages = messages[:positions[-1] + 1]
+        outcomes.append(Outcome(job, messages, positions))
     while True:
         active = [o for o in outcomes if o.reason is None and len(o.finish_reasons) < len(o.positions)]
         if not active:
@@ -243,7 +248,7 @@ def _write_json(path: str, tree: dict) -> None:
 def settings_record(backend: Backend) -> dict:
     s = backend.settings
     return {"backend": backend.name, "model": backend.model_name, "temperature": s.temperature, "top_p": s.top_p,
-            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "thinking": s.thinking}
+            "max_new_tokens": s.max_new_tokens, "seed": s.seed, "thinking": s.thinking, "max_turns": s.max_turns}
 
 
 def regenerate(inputs: Sequence[str], output: str, backend: Backend, *, max_samples: Optional[int] = None,
@@ -407,6 +412,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     local = parser.add_argument_group("--target")
     local.add_argument("--batch-size", type=int, default=8, help="conversations per generate call")
     local.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    gen.add_argument("--max-turns", type=int, default=None,
+                     help="answer only the first N assistant turns of each conversation and end it there (the "
+                          "later turns would lie beyond the training length anyway)")
+    local.add_argument("--max-context-tokens", type=int, default=None,
+                       help="refuse (count, do not answer) contexts longer than this many tokens")
     parser.add_argument("--max-samples", type=int, help="only the first N usable conversations")
     parser.add_argument("--on-bad-sample", choices=("skip", "error"), default="skip")
     parser.add_argument("--stop-after-failures", type=int, default=16,
@@ -415,7 +425,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.thinking)
+    settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.thinking, args.max_turns)
     settings.check()
     for path in args.inputs:  # before a model loads or a server is asked
         if path not in SOURCES and not os.path.isfile(path):
@@ -432,7 +442,8 @@ def main(args: argparse.Namespace) -> int:
         # which an endpoint run never needs.
         from specforge_mcore.data.regen_local import LocalBackend
 
-        backend = LocalBackend.from_dir(args.target, settings, batch_size=args.batch_size, dtype=args.dtype)
+        backend = LocalBackend.from_dir(args.target, settings, batch_size=args.batch_size, dtype=args.dtype,
+                                        max_context_tokens=args.max_context_tokens)
     summary = regenerate(args.inputs, args.output, backend, max_samples=args.max_samples,
                          on_bad_sample=args.on_bad_sample, stop_after_failures=args.stop_after_failures,
                          progress=not args.no_progress)

@@ -279,6 +279,16 @@ def test_local_refuses_a_prompt_longer_than_the_model(local, tmp_path):
     assert [r["id"] for r in read_records(out)] == ["c1"]
 
 
+def test_local_refuses_a_context_over_max_context_tokens(local, tmp_path):
+    data = write_chat(tmp_path / "in.jsonl", [["word " * 300, "old"], ["What is 2 + 2?", "old"]])
+    out = str(tmp_path / "out.jsonl")
+    short = LocalBackend(local.model, local.tokenizer, local.settings, max_context_tokens=100)
+    summary = regenerate([data], out, short, progress=False)
+    assert summary["counts"]["refused"] == 1 and summary["refused_by"] == {"context too long": 1}
+    assert "--max-context-tokens 100" in summary["first"]["refused"]["detail"]
+    assert [r["id"] for r in read_records(out)] == ["c1"]
+
+
 def test_thinking_reaches_the_local_chat_template(local, smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -352,6 +362,24 @@ def test_endpoint_many_conversations_nothing_lost_nothing_duplicated(serve, tmp_
     assert len(server.answered) == turns == summary["turns"] and summary["tokens"] == 3 * turns
     assert sorted(map(json.dumps, server.answered)) == sorted(set(map(json.dumps, server.answered)))
     assert not os.path.exists(side_paths(out)[0])  # nothing rejected
+
+
+def test_max_turns_answers_the_first_turns_and_ends_the_conversation_there(serve, tmp_path):
+    convs = many_conversations(6)  # conversations 0 and 3 have two assistant turns
+    data = write_chat(tmp_path / "in.jsonl", convs)
+    server = serve(fake_answer)
+    out = str(tmp_path / "out.jsonl")
+    summary = regenerate([data], out, endpoint(server, settings=Settings(max_new_tokens=NEW_TOKENS, max_turns=1)),
+                         progress=False)
+    records = read_records(out)
+    assert summary["counts"]["ok"] == 6 and summary["turns"] == 6 == len(server.answered)
+    for record, job in zip(records, read_jobs([data], BadSamples())):
+        assert record["messages"] == expected_messages(job.conversation.messages[:2])
+        assert record["regen"]["max_turns"] == 1 and len(record["regen"]["finish_reasons"]) == 1
+    # Resuming with another --max-turns is refused by name.
+    with pytest.raises(UserError, match="max_turns=1"):
+        regenerate([data], out, endpoint(server, settings=Settings(max_new_tokens=NEW_TOKENS, max_turns=2)),
+                   progress=False)
 
 
 def test_endpoint_request_options(serve, tmp_path):
