@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dump-features": ("specforge_mcore.features.dump", "write the target's features of the training rows to an offline store"),
     "import-draft": ("specforge_mcore.export.importer", "turn an EAGLE-3 draft trained elsewhere into a checkpoint of ours"),
     "eval": ("specforge_mcore.eval.cli", "speculative decoding with the exported draft: acceptance length, lossless check"),
+    "eval-table": ("specforge_mcore.eval.table", "one table from several eval outputs (drafts x prompt sets x configs)"),
     "bench": ("specforge_mcore.bench.cli", "benchmarks: loss, projection, teacher, attention, train, recipe"),
     "plan": ("specforge_mcore.train.plan", "per-rank memory plan of a run config"),
 }

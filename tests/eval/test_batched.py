@@ -127,3 +127,21 @@ def test_run_eval_batches_chains_only(tiny_target, tiny_export, smollm2_dir, tmp
     assert "speculative 2,1,3 (batches of 2): 3 prompts" in capsys.readouterr().out
     with pytest.raises(UserError, match="--spec-batch-size 0"):
         run_eval(tiny_target[0], tiny_export, str(prompts), ["2,1,3"], tokenizer_dir=smollm2_dir, spec_batch_size=0)
+
+
+def test_eval_table_reads_several_evals(tiny_target, tiny_export, smollm2_dir, tmp_path, capsys):
+    import json
+
+    from specforge_mcore.cli import main as cli_main
+    from specforge_mcore.eval.cli import run_eval
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2 + 3?"}) + "\n")
+    run_eval(tiny_target[0], tiny_export, str(prompts), ["2,1,3", "3,1,4"], num_prompts=1, max_new_tokens=4,
+             out_dir=str(tmp_path / "a"), tokenizer_dir=smollm2_dir, progress=False)
+    assert cli_main(["eval-table", f"trained={tmp_path / 'a'}", str(tmp_path / "a"), "--out", str(tmp_path / "t.md")]) == 0
+    rows = (tmp_path / "t.md").read_text().splitlines()
+    assert len(rows) == 2 + 4 and rows[2].startswith("| trained | prompts.jsonl | 1 x 4 | 2,1,3 |")
+    assert rows[5].startswith("| a | prompts.jsonl | 1 x 4 | 3,1,4 |") and rows[5].endswith("| yes |")
+    assert cli_main(["eval-table", str(tmp_path / "missing")]) == 2
+    assert "missing/eval.json: no such file" in capsys.readouterr().err
