@@ -152,6 +152,10 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 8
+    # Real speculative decoding at every evaluation on the first N held-out prompts (rank 0, an fp32 HF copy
+    # of the target on the CPU: small targets; train/spec_eval.py); 0: off.
+    eval_spec_prompts: int = 0
+    eval_spec_max_new_tokens: int = 64
     save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False

@@ -109,8 +109,12 @@ def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) 
         best = max(points, key=lambda r: r["eval_sim_al"])
         ax_al.annotate(f"best {best['eval_sim_al']:.3f} @ step {best['step']}", (best["step"], best["eval_sim_al"]),
                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+        spec = [r for r in points if "eval_spec_al" in r]
+        if spec:
+            ax_al.plot([r["step"] for r in spec], [r["eval_spec_al"] for r in spec], "s-", color="tab:purple",
+                       label=f"speculative decoding, {spec[-1]['eval_spec_prompts']} held-out prompts")
         ax_al.set_xlabel("step")
-        ax_al.set_ylabel("held-out acceptance length (1 + Σ_j Π_{i≤j} a_i)")
+        ax_al.set_ylabel("held-out acceptance length")
         ax_al.legend(fontsize=8)
         ax_al.grid(alpha=0.3)
     if title:

@@ -117,6 +117,7 @@ class Trainer:
         self.hf = self.host.hf
         self.shards = row_shards(self.host)  # which rows of a round this rank trains on
         self._setup_data()
+        self.spec_probe = self._setup_spec_probe()
         self.features = self._setup_features()
         self._setup_draft()
         self._setup_optimizer()
@@ -155,6 +156,16 @@ class Trainer:
         self.steps_per_epoch = len(train) // self.plan.global_batch
         total = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps is not None else max(1, total)
+
+    def _setup_spec_probe(self):
+        """``train.eval_spec_prompts``: real speculative decoding at each evaluation (rank 0; spec_eval.py)."""
+        cfg = self.cfg.train
+        if not cfg.eval_spec_prompts or not self.is_main:
+            return None
+        from specforge_mcore.train.spec_eval import SpecProbe
+
+        return SpecProbe(self.hf_dir, self.eval_data, self.host.capture_layer_ids, cfg.eval_spec_prompts,
+                         cfg.eval_spec_max_new_tokens, self.cfg.draft.ttt_steps)
 
     def _setup_features(self) -> Optional[FeatureCache]:
         """``data.features``: the offline feature store of the training rows (features/cache.py)."""
@@ -371,8 +382,11 @@ class Trainer:
         m = self._reduce_metrics(*totals, 0)
         reached, accepted = collectives.all_reduce(chain).tolist()
         rates, length = chained_acceptance_length(reached, accepted)
-        return {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"],
-                "eval_accept": rates, "eval_sim_al": length}
+        out = {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"],
+               "eval_accept": rates, "eval_sim_al": length}
+        if self.spec_probe is not None:
+            out.update(self.spec_probe.measure(self.draft))
+        return out
 
     # ---- the loop ------------------------------------------------------------------------------
     def dump_features(self) -> dict:

@@ -20,10 +20,11 @@ from specforge_mcore.train.run import train_worker
 def test_short_run_lifts_held_out_accuracy(tmp_path, dtype):
     require_prepared(DEFAULT_SMOLLM2_DIR)
     cfg = load_config("configs/demo-smollm2.yaml", [
-        f"train.out_dir={tmp_path}", "data.max_samples=200", "data.max_length=96", "data.eval_fraction=0.1",
+        f"train.out_dir={tmp_path}", "data.train_files=[sharegpt]", "data.features=null", "data.max_samples=200", "data.max_length=96", "data.eval_fraction=0.1",
         "draft.draft_vocab_size=1024", "draft.ttt_steps=3", "train.global_batch_size=8", "train.max_steps=16",
         "train.eval_every=0", "train.eval_batches=2", "train.save_every=0", "train.plot=false", "optim.lr=4e-3",
-        "optim.warmup_steps=2", f"target.dtype={dtype}", f"draft.dtype={dtype}"])
+        "optim.warmup_steps=2", f"target.dtype={dtype}", f"draft.dtype={dtype}", "train.eval_spec_prompts=4",
+        "train.eval_spec_max_new_tokens=24"])
     (result,) = spawn(train_worker, 1, config_to_dict(cfg), str(tmp_path), False, True)
     before = result["eval_before"]["eval_acc"][0]
     after = [r for r in result["history"] if "eval_acc" in r][-1]["eval_acc"][0]
@@ -36,5 +37,11 @@ def test_short_run_lifts_held_out_accuracy(tmp_path, dtype):
     al_after = [r for r in result["history"] if "eval_sim_al" in r][-1]["eval_sim_al"]
     print(f"{dtype}: held-out acceptance-length estimate {al_before:.3f} -> {al_after:.3f}")
     assert al_after > al_before + 0.1
+    # Real speculative decoding of the final draft on 4 held-out prompts (train.eval_spec_prompts): lossless,
+    # and the draft gets tokens accepted.
+    final = [r for r in result["history"] if "eval_spec_al" in r][-1]
+    print(f"{dtype}: speculative decoding on 4 held-out prompts: acceptance length {final['eval_spec_al']:.3f} "
+          f"(estimate {al_after:.3f})")
+    assert final["eval_spec_lossless"] and final["eval_spec_al"] > 1.05
     best = json.load(open(tmp_path / "best.json"))
     assert best["eval_sim_al"] == pytest.approx(al_after) and os.path.isdir(best["checkpoint"])
