@@ -12,8 +12,9 @@ document mask. Whether the attention actually honours it depends on the layer sp
 
 ``check_document_isolation(host)`` runs a tiny batch through ``host.forward`` (Megatron's schedule, the
 trainer's path, so it holds under TP/PP/EP/SP): two documents of 5 and 7 tokens packed into one row,
-and each of them alone in its own row. The logits of every position must agree within a tolerance
-relative to their magnitude (fp32 1e-4, bf16/fp16 3e-2, FP8 weights 5e-2). Otherwise it raises a
+and each of them alone in its own row. Each document's logits must agree within a tolerance relative to
+their magnitude (norm of the difference over norm of the logits; fp32 1e-4, bf16/fp16 3e-2, FP8 weights
+5e-2). Otherwise it raises a
 UserError naming the attention path, on every rank (the verdict is reduced over the world).
 """
 
@@ -52,7 +53,7 @@ class PackingCheck:
 
     def differences(self) -> str:
         diffs = ", ".join(f"document {i} ({n} tokens) {w:.1e}" for i, (n, w) in enumerate(zip(DOCUMENT_LENGTHS, self.worst)))
-        return f"max relative difference of the logits, packed vs one by one: {diffs} (tolerance {self.tolerance:.0e})"
+        return f"relative difference of the logits (norm ratio), packed vs one by one: {diffs} (tolerance {self.tolerance:.0e})"
 
     def summary(self) -> str:
         return f"packed-document check passed: {self.attention_path}; {self.differences()}"
@@ -116,7 +117,10 @@ def packed_and_alone(vocab_size: int, seq_len: int, seed: int = 2357) -> MicroBa
 
 
 def _relative_differences(logits: torch.Tensor) -> list[float]:
-    """Per document: max |packed - alone| / max |alone| (inf when anything is not finite)."""
+    """Per document: ||packed - alone|| / ||alone|| over all its positions and logits (inf when anything is
+    not finite). A norm ratio, not the largest single difference: in bf16 one logit of 49K may round a
+    step away (a max-based ratio of 3.2e-2 was measured on SmolLM2 with AMX bf16 GEMMs), while a
+    document that sees another one changes all of its logits (ratios of 0.1 and more)."""
     worst, start = [], 0
     for d, n in enumerate(DOCUMENT_LENGTHS):
         packed = logits[0, start:start + n].float()
@@ -125,8 +129,8 @@ def _relative_differences(logits: torch.Tensor) -> list[float]:
         if not (torch.isfinite(packed).all() and torch.isfinite(alone).all()):
             worst.append(math.inf)
             continue
-        scale = alone.abs().max().clamp(min=torch.finfo(torch.float32).tiny)
-        worst.append(((packed - alone).abs().max() / scale).item())
+        scale = alone.norm().clamp(min=torch.finfo(torch.float32).tiny)
+        worst.append(((packed - alone).norm() / scale).item())
     return worst
 
 
