@@ -15,13 +15,13 @@ Finished rows (end of sequence or the length limit) leave the batch at the end o
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
-from specforge_mcore.eval.speculative import Generation, SpecConfig, Target, _stop
+from specforge_mcore.eval.speculative import Generation, SpecConfig, Target, _stop, in_length_batches
 
 
 class BatchDraftCache:
@@ -241,14 +241,5 @@ def generate_batched(decoder: ChainBatchDecoder, prompts: Sequence[torch.Tensor]
                      batch_size: int, progress=None) -> list[Generation]:
     """``decoder.generate`` over ``batch_size`` prompts at a time (prompts of similar length together);
     results in the order of ``prompts``. ``progress(n)`` is called after each batch of n prompts."""
-    if batch_size < 1:
-        raise UserError(f"--spec-batch-size {batch_size}: expected a positive integer")
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i].numel(), i))
-    results: list[Optional[Generation]] = [None] * len(prompts)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
-        for i, generation in zip(chunk, decoder.generate([prompts[i] for i in chunk], max_new_tokens)):
-            results[i] = generation
-        if progress is not None:
-            progress(len(chunk))
-    return results  # type: ignore[return-value]
+    return in_length_batches(prompts, batch_size, lambda chunk: decoder.generate(chunk, max_new_tokens), progress,
+                             "--spec-batch-size")

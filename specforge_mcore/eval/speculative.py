@@ -438,13 +438,22 @@ def greedy_generate_batch(target: Target, prompts: Sequence[torch.Tensor], max_n
     together, left-padded; each row's positions count from its own first token). Results are in the
     order of ``prompts``; each one's ``seconds`` is its batch's time divided by the batch size, so they
     add up to the wall time. ``progress(n)`` is called after each batch of n prompts."""
+    return in_length_batches(prompts, batch_size, lambda chunk: _greedy_batch(target, chunk, max_new_tokens, eos_ids),
+                             progress, "--batch-size")
+
+
+def in_length_batches(prompts: Sequence[torch.Tensor], batch_size: int,
+                      run: Callable[[list[torch.Tensor]], list[Generation]], progress=None,
+                      option: str = "--batch-size") -> list[Generation]:
+    """``run`` over ``batch_size`` prompts at a time, prompts of similar length together (less padding);
+    results in the order of ``prompts``. ``progress(n)`` is called after each batch of n prompts."""
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: expected a positive integer")
+        raise UserError(f"{option} {batch_size}: expected a positive integer")
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i].numel(), i))
     results: list[Optional[Generation]] = [None] * len(prompts)
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
-        for i, generation in zip(chunk, _greedy_batch(target, [prompts[i] for i in chunk], max_new_tokens, eos_ids)):
+        for i, generation in zip(chunk, run([prompts[i] for i in chunk])):
             results[i] = generation
         if progress is not None:
             progress(len(chunk))

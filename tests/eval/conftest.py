@@ -64,6 +64,20 @@ def random_draft():
     return _random_draft
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_target):
+    """The tiny target wrapped for decoding (captures [1, 3, 4]) and a random draft whose vocabulary is the
+    identity (every token draftable)."""
+    from specforge_mcore.eval.speculative import Target, load_target
+
+    path, hf = tiny_target
+    model = load_target(path)
+    draft = _random_draft(hf, hf["vocab_size"], [1, 3, 4])
+    draft.set_vocab(torch.zeros_like(draft.d2t), torch.ones_like(draft.t2d))
+    draft.set_embedding(model.get_input_embeddings().weight.detach())
+    return Target(model, [1, 3, 4]), draft
+
+
 @pytest.fixture(scope="package", autouse=True)
 def eval_threads():
     """The evaluation's own thread choice: on a shared CPU a team larger than the idle cores spins against

@@ -7,20 +7,10 @@ import torch
 
 from specforge_mcore.errors import UserError
 from specforge_mcore.eval.batched import ChainBatchDecoder, generate_batched
-from specforge_mcore.eval.speculative import SpecConfig, SpeculativeDecoder, Target, greedy_generate, load_target
+from specforge_mcore.eval.speculative import SpecConfig, SpeculativeDecoder, greedy_generate
 
 PROMPTS = [[17, 4242, 99, 12000, 7, 31000, 5], [3, 8, 2000], [9, 1, 44, 45, 46, 47, 48, 49, 50, 51, 52],
            [600, 601], [77, 78, 79, 80, 81]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_target, random_draft):
-    path, hf = tiny_target
-    model = load_target(path)
-    draft = random_draft(hf, hf["vocab_size"], [1, 3, 4])
-    draft.set_vocab(torch.zeros_like(draft.d2t), torch.ones_like(draft.t2d))  # identity: every token draftable
-    draft.set_embedding(model.get_input_embeddings().weight.detach())
-    return Target(model, [1, 3, 4]), draft
 
 
 def _oracle_logits(vocab, sequence, q, level, right_depth):

@@ -66,16 +66,6 @@ class Oracle(SpeculativeDecoder):
         return logits
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_target, random_draft):
-    path, hf = tiny_target
-    model = load_target(path)
-    draft = random_draft(hf, hf["vocab_size"], [1, 3, 4])
-    draft.set_vocab(torch.zeros_like(draft.d2t), torch.ones_like(draft.t2d))  # identity: every token draftable
-    draft.set_embedding(model.get_input_embeddings().weight.detach())
-    return Target(model, [1, 3, 4]), draft
-
-
 @pytest.mark.parametrize("config, kwargs, expected", [
     ("3,1,4", {}, [4, 4, 4, 4]),                      # every draft token right: steps + 1 per verification
     ("3,1,4", {"right_depth": 1}, [2] * 8),           # only the first one right: 2 per verification
