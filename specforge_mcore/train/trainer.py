@@ -160,12 +160,19 @@ class Trainer:
     def _setup_spec_probe(self):
         """``train.eval_spec_prompts``: real speculative decoding at each evaluation (rank 0; spec_eval.py)."""
         cfg = self.cfg.train
-        if not cfg.eval_spec_prompts or not self.is_main:
+        if not cfg.eval_spec_prompts:
             return None
         from specforge_mcore.train.spec_eval import SpecProbe
 
-        return SpecProbe(self.hf_dir, self.eval_data, self.host.capture_layer_ids, cfg.eval_spec_prompts,
-                         cfg.eval_spec_max_new_tokens, self.cfg.draft.ttt_steps)
+        probe, error = None, None
+        if self.is_main:
+            try:
+                probe = SpecProbe(self.hf_dir, self.eval_data, self.host.capture_layer_ids, cfg.eval_spec_prompts,
+                                  cfg.eval_spec_max_new_tokens, self.cfg.draft.ttt_steps)
+            except UserError as exc:  # every rank stops, not only rank 0
+                error = exc
+        raise_together(error)
+        return probe
 
     def _setup_features(self) -> Optional[FeatureCache]:
         """``data.features``: the offline feature store of the training rows (features/cache.py)."""

@@ -66,3 +66,13 @@ def test_probe_measures_what_speculative_decoding_measures():
     lengths = [n for g in singles for n in g.accept_lengths]
     assert result["eval_spec_al"] == sum(lengths) / len(lengths)
     assert [g.tokens for g in singles] == [r.tokens for r in probe.references]
+
+
+def test_probe_without_held_out_prompts_is_an_error():
+    import pytest
+
+    from specforge_mcore.errors import UserError
+
+    only_answers = _packed([[[(11, True), (12, True)]]])
+    with pytest.raises(UserError, match="train.eval_spec_prompts=4: the held-out split has no document"):
+        SpecProbe("/nonexistent", only_answers, [1, 2, 3], prompts=4, max_new_tokens=8, steps=3)
