@@ -94,7 +94,9 @@ def _file_identity(path: str) -> dict:
 
         return source_identity(path)
     if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist")
+        raise UserError(f"data file {path} (data.train_files / data.eval_files, relative to {os.getcwd()}) does not "
+                        "exist; a regenerated dataset is written by `specforge-mcore regenerate` (for the demo: "
+                        "`make demo`)")
     stat = os.stat(path)
     if stat.st_size <= _SMALL_FILE:
         return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
