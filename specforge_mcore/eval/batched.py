@@ -21,44 +21,32 @@ import torch
 
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
-from specforge_mcore.eval.speculative import Generation, SpecConfig, Target, _stop, in_length_batches
+from specforge_mcore.eval.speculative import (Generation, SpecConfig, Target, _stop, cached_attention,
+                                              in_length_batches, left_pad)
 
 
 class BatchDraftCache:
-    """The draft's KV cache for a batch: keys/values [B, slots, Hkv, D] and a validity mask [B, slots]."""
+    """The draft's KV cache for a batch: keys/values [B, slots, Hkv, D] and a validity mask [B, slots],
+    sized for the whole generation (``ChainBatchDecoder.generate`` knows the most slots it can use)."""
 
     def __init__(self, draft: Eagle3Draft, rows: int, capacity: int):
         arch = draft.arch
-        self.kv_heads, self.head_dim = arch.num_key_value_heads, arch.head_dim
-        self.groups = arch.num_attention_heads // arch.num_key_value_heads
         dtype = draft.fc.weight.dtype
-        self.keys = torch.empty(rows, max(capacity, 1), self.kv_heads, self.head_dim, dtype=dtype)
+        self.keys = torch.empty(rows, capacity, arch.num_key_value_heads, arch.head_dim, dtype=dtype)
         self.values = torch.empty_like(self.keys)
-        self.valid = torch.zeros(rows, max(capacity, 1), dtype=torch.bool)
+        self.valid = torch.zeros(rows, capacity, dtype=torch.bool)
         self.length = 0  # slots in use (the same for every row)
 
     def write(self, start: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store k/v [B, n, Hkv, D] at slots ``start..start+n-1`` (growing the buffers as needed)."""
+        """Store k/v [B, n, Hkv, D] at slots ``start..start+n-1``."""
         end = start + k.shape[1]
-        if end > self.keys.shape[1]:
-            size = max(end, 2 * self.keys.shape[1])
-            for name in ("keys", "values", "valid"):
-                old = getattr(self, name)
-                new = old.new_zeros(old.shape[0], size, *old.shape[2:])
-                new[:, :start] = old[:, :start]
-                setattr(self, name, new)
         self.keys[:, start:end] = k
         self.values[:, start:end] = v
         self.valid[:, start:end] = valid
 
     def attend(self, q: torch.Tensor, end: int, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, n, Hq, D] over slots ``0..end-1`` where visible [B, n, end]; fp32 softmax, as in training."""
-        b, n = q.shape[:2]
-        qf = q.float().reshape(b, n, self.kv_heads, self.groups, self.head_dim) * self.head_dim ** -0.5
-        scores = torch.einsum("bnkgd,bskd->bkgns", qf, self.keys[:, :end].float())
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        out = torch.einsum("bkgns,bskd->bnkgd", torch.softmax(scores, dim=-1), self.values[:, :end].float())
-        return out.reshape(b, n, self.kv_heads * self.groups, self.head_dim).to(q.dtype)
+        """q [B, n, Hq, D] over slots ``0..end-1`` where visible [B, n, end]."""
+        return cached_attention(q, self.keys[:, :end], self.values[:, :end], visible)
 
     def keep(self, rows: torch.Tensor) -> None:
         self.keys, self.values, self.valid = self.keys[rows], self.values[rows], self.valid[rows]
@@ -148,18 +136,14 @@ class ChainBatchDecoder:
                             "state); decode one prompt at a time (--spec-batch-size 1)")
         target, draft, chain, clock = self.target, self.draft, self.chain, time.perf_counter
         start = clock()
-        rows, width = len(prompts), max(p.numel() for p in prompts)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        real = torch.zeros(rows, width, dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - prompt.numel():] = prompt
-            real[row, width - prompt.numel():] = True
-        positions = (real.long().cumsum(1) - 1).clamp_(min=0)
+        ids, real, positions = left_pad(prompts)
+        rows, width = ids.shape
+        # At most max_new_tokens verifications of 1 + chain slots each (drafting reuses the next block's).
         capacity = width + max_new_tokens * (1 + chain) + 1
         target.reset(capacity)
         mask = torch.zeros(rows, capacity, dtype=torch.long)  # the target's valid slots
         mask[:, :width] = real
-        hidden, aux = self._target_rows(ids, positions, mask[:, :width])
+        hidden, aux = target.forward_rows(ids, positions, mask[:, :width])
         root = target.head(hidden[:, -1]).argmax(-1)
         results = [Generation([], 0.0, []) for _ in prompts]
         prefill = clock() - start
@@ -190,7 +174,7 @@ class ChainBatchDecoder:
             tokens = torch.cat([root[:, None], drafted], dim=1)
             verify_positions = position[:, None] + torch.arange(1 + chain)
             mask[:, slots:slots + 1 + chain] = 1
-            hidden, aux = self._target_rows(tokens, verify_positions, mask[:, :slots + 1 + chain])
+            hidden, aux = target.forward_rows(tokens, verify_positions, mask[:, :slots + 1 + chain])
             # Greedy acceptance level by level, the head only for the rows still accepting.
             accepted = torch.zeros(b, dtype=torch.long)
             bonus = torch.empty(b, dtype=torch.long)
@@ -230,11 +214,6 @@ class ChainBatchDecoder:
             result.seconds, result.prefill_seconds = seconds / rows, prefill / rows
             result.draft_seconds, result.verify_seconds = draft_seconds / rows, verify_seconds / rows
         return results
-
-    def _target_rows(self, token_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor
-                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Rows [B, q] -> final hidden [B, q, H] and the captured layers (three [B, q, H_t])."""
-        return self.target.forward_rows(token_ids, positions, attention_mask)
 
 
 def generate_batched(decoder: ChainBatchDecoder, prompts: Sequence[torch.Tensor], max_new_tokens: int,

@@ -21,6 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
+def acceptance_rates(lengths: list[int], steps: int) -> list[float]:
+    """From accept lengths (tokens per verification): P(at least j draft tokens accepted), j = 1..steps."""
+    if not lengths:
+        return [float("nan")] * steps
+    return [sum(1 for n in lengths if n - 1 >= j) / len(lengths) for j in range(1, steps + 1)]
+
+
 @dataclass
 class PromptResult:
     index: int
@@ -56,10 +63,7 @@ class ConfigResult:
 
     def acceptance_rates(self) -> list[float]:
         """P(at least j draft tokens accepted), j = 1..steps."""
-        lengths = self.accept_lengths
-        if not lengths:
-            return [float("nan")] * self.steps
-        return [sum(1 for n in lengths if n - 1 >= j) / len(lengths) for j in range(1, self.steps + 1)]
+        return acceptance_rates(self.accept_lengths, self.steps)
 
     def conditional_acceptance_rates(self) -> list[Optional[float]]:
         lengths = self.accept_lengths

@@ -289,6 +289,30 @@ def check_pair(model, draft: Eagle3Draft, target_dir: str, draft_dir: str) -> No
 
 
 # ---- the draft -----------------------------------------------------------------------------------------------
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The draft's attention over its KV cache: q [..., N, Hq, D] over keys/values [..., S, Hkv, D] where
+    visible [..., N, S] (grouped-query heads; fp32 softmax, as in training); the leading dims are a batch."""
+    *lead, n, heads, dim = q.shape
+    kv_heads = keys.shape[-2]
+    qf = q.float().reshape(*lead, n, kv_heads, heads // kv_heads, dim) * dim ** -0.5
+    scores = torch.einsum("...nkgd,...skd->...kgns", qf, keys.float())
+    scores = scores.masked_fill(~visible[..., None, None, :, :], float("-inf"))
+    out = torch.einsum("...kgns,...skd->...nkgd", torch.softmax(scores, dim=-1), values.float())
+    return out.reshape(*lead, n, heads, dim).to(q.dtype)
+
+
+def left_pad(prompts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: token ids [B, W] (pad id 0, never attended to), which entries are
+    real [B, W] and each row's positions [B, W], counted from its own first token."""
+    rows, width = len(prompts), max(p.numel() for p in prompts)
+    ids = torch.zeros(rows, width, dtype=torch.long)
+    real = torch.zeros(rows, width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.numel():] = prompt
+        real[row, width - prompt.numel():] = True
+    return ids, real, (real.long().cumsum(1) - 1).clamp_(min=0)
+
+
 class DraftRunner:
     """The draft at inference: a committed KV cache (one step-0 entry per position whose features are
     known) and, while a tree is drafted, temporary entries of the nodes run so far. Both live in one
@@ -298,7 +322,6 @@ class DraftRunner:
         self.draft = draft
         arch = draft.arch
         self.kv_heads, self.head_dim = arch.num_key_value_heads, arch.head_dim
-        self.groups = arch.num_attention_heads // arch.num_key_value_heads
         self.reset()
 
     def reset(self, capacity: int = 256) -> None:
@@ -326,14 +349,6 @@ class DraftRunner:
         self._values[start:end] = v
         return self._keys[:end], self._values[:end]
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [N, Hq, D] over keys/values [S, Hkv, D] where visible [N, S]; fp32 softmax, as in training."""
-        n = q.shape[0]
-        qf = q.float().reshape(n, self.kv_heads, self.groups, self.head_dim) * self.head_dim ** -0.5
-        scores = torch.einsum("nkgd,skd->kgns", qf, keys.float()).masked_fill(~visible, float("-inf"))
-        out = torch.einsum("kgns,skd->nkgd", torch.softmax(scores, dim=-1), values.float())
-        return out.reshape(n, self.kv_heads * self.groups, self.head_dim).to(q.dtype)
-
     def _layer(self, hidden: torch.Tensor, hidden_normed: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor):
         draft, layer = self.draft, self.draft.midlayer
         cos, sin = draft.rope.cos_sin(positions)
@@ -353,7 +368,7 @@ class DraftRunner:
         visible = torch.ones(n, past + n, dtype=torch.bool).tril_(diagonal=past)
         if last_only:
             hidden, q, visible = hidden[-1:], q[-1:], visible[-1:]
-        out = draft.midlayer.finish(hidden, self._attend(q, keys, values, visible))
+        out = draft.midlayer.finish(hidden, cached_attention(q, keys, values, visible))
         self._committed, self._temps = past + n, 0
         return out
 
@@ -375,7 +390,7 @@ class DraftRunner:
                 rows.append(row)
                 cols.append(past + slot)
         visible[rows, cols] = True
-        return self.draft.midlayer.finish(hidden, self._attend(q, keys, values, visible)), slots
+        return self.draft.midlayer.finish(hidden, cached_attention(q, keys, values, visible)), slots
 
 
 # ---- the decoder ---------------------------------------------------------------------------------------------
@@ -463,13 +478,10 @@ def in_length_batches(prompts: Sequence[torch.Tensor], batch_size: int,
 def _greedy_batch(target: Target, prompts: list[torch.Tensor], max_new_tokens: int, eos_ids: set[int]
                   ) -> list[Generation]:
     start = time.perf_counter()
-    rows, width = len(prompts), max(p.numel() for p in prompts)
-    ids = torch.zeros(rows, width, dtype=torch.long)  # the pad id is never attended to
+    ids, real, positions = left_pad(prompts)
+    rows, width = ids.shape
     mask = torch.zeros(rows, width + max_new_tokens, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - prompt.numel():] = prompt
-        mask[row, width - prompt.numel(): width] = 1
-    positions = (mask[:, :width].cumsum(1) - 1).clamp_(min=0)
+    mask[:, :width] = real
     target.reset(width + max_new_tokens)
     logits = target.forward_batch(ids, positions, mask[:, :width])
     position = positions[:, -1:] + 1

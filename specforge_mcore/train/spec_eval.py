@@ -23,6 +23,7 @@ from specforge_mcore.data.packing import PackedData
 from specforge_mcore.draft.model import Eagle3Draft
 from specforge_mcore.errors import UserError
 from specforge_mcore.eval.batched import ChainBatchDecoder, generate_batched
+from specforge_mcore.eval.report import acceptance_rates
 from specforge_mcore.eval.speculative import (SpecConfig, Target, eos_token_ids, first_mismatch,
                                               greedy_generate_batch, load_target)
 
@@ -71,9 +72,8 @@ class SpecProbe:
         generations = generate_batched(ChainBatchDecoder(self.target, copy, self.config, self.eos), self.prompts,
                                        self.max_new_tokens, batch_size=len(self.prompts))
         lengths = [n for g in generations for n in g.accept_lengths]
-        steps = self.config.steps
-        accept = [sum(1 for n in lengths if n - 1 >= j) / len(lengths) for j in range(1, steps + 1)]
         lossless = all(first_mismatch(r.tokens, g.tokens) is None for r, g in zip(self.references, generations))
-        return {"eval_spec_al": sum(lengths) / len(lengths), "eval_spec_accept": accept,
+        return {"eval_spec_al": sum(lengths) / len(lengths),
+                "eval_spec_accept": acceptance_rates(lengths, self.config.steps),
                 "eval_spec_lossless": lossless, "eval_spec_prompts": len(self.prompts),
                 "eval_spec_seconds": time.perf_counter() - start}
