@@ -95,6 +95,9 @@ class TTTOutput:
     # steps < i all right) and those where step i was right as well: their ratio is the conditional
     # acceptance a_i of the chained acceptance-length estimate (docs/design.md §10).
     chain: Optional[torch.Tensor] = None
+    # With chain_stats: [2] int64, the greedy decoding walked over the rows (``decoding_walk``): tokens
+    # emitted and verifications; their ratio is the simulated acceptance length.
+    walk: Optional[torch.Tensor] = None
 
 
 def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor], weights: list[float],
@@ -121,6 +124,7 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
     k0 = v0 = None
     losses, corrects = [], []
     reached, accepted, all_right = [], [], None  # all_right[t]: steps so far all right at position t
+    rights = []  # all_right after each step
     for i, (mask, weight) in enumerate(zip(masks, weights)):
         if i > 0:
             hidden_normed = layer.hidden_norm(hidden)
@@ -146,17 +150,66 @@ def ttt_unroll(draft: Eagle3Draft, batch: DraftBatch, masks: list[torch.Tensor],
             reached.append((mask if all_right is None else mask & all_right).sum())
             all_right = hits if all_right is None else hits & all_right
             accepted.append(all_right.sum())
+            rights.append(all_right)
             correct = hits.sum()
         losses.append(loss)
         corrects.append(correct)
     total = torch.stack(losses).sum()
+    walk = None
+    if chain_stats:
+        # chain length at each root: the steps right before the first wrong one (all_right is cumulative)
+        lengths = torch.stack([r.long() for r in rights]).sum(0)
+        walk = decoding_walk(lengths, walk_roots(batch), batch.input_ids.shape[1], len(masks))
     return TTTOutput(
         loss=total,
         weighted_step_losses=torch.stack([l.detach().float() for l in losses]),
         correct=torch.stack([c.reshape(()).long() for c in corrects]),
         valid=torch.stack([m.sum() for m in masks]).long(),
         chain=torch.stack([torch.stack(reached), torch.stack(accepted)]).long() if chain_stats else None,
+        walk=walk,
     )
+
+
+def walk_roots(batch: DraftBatch) -> torch.Tensor:
+    """[T] bool: the positions t where serving drafts: tokens t+1 and t+2 are assistant tokens of t's
+    document (t+1 is then the target's own token, t+2 the first the draft proposes)."""
+    keys = flat_document_keys(batch.document_ids)
+    assistant = batch.assistant_mask.reshape(-1)
+    return (shift(keys, 2, fill=-1) == keys) & shift(assistant, 1, fill=False) & shift(assistant, 2, fill=False)
+
+
+def walk_accept_lengths(lengths: torch.Tensor, roots: torch.Tensor, row_length: int, steps: int) -> list[list[int]]:
+    """Greedy speculative decoding replayed on teacher-forced chains: per row, the accept length of each
+    verification.
+
+    ``lengths[t]`` is how many of the chain's ``steps`` drafts rooted at t the target accepts (its argmax
+    at each step); ``roots[t]`` whether serving drafts at t. A verification at root t emits
+    ``lengths[t] + 1`` tokens (the accepted drafts and the target's own) and the next one is rooted at
+    ``t + lengths[t] + 1``; a position that is no root (a user turn, padding, the end of a document) is
+    passed over. Rows of ``row_length`` positions are walked separately. Where the data is the target's
+    own greedy output, this is what serving the same prompts does, verification by verification; the
+    independent-steps product ``1 + Σ_j Π_{i≤j} a_i`` is not, because easy and hard positions come in runs
+    (a run of easy positions takes few verifications)."""
+    length, root = lengths.tolist(), roots.tolist()
+    rows = []
+    for start in range(0, len(root), row_length):
+        accepts, t, end = [], start, start + row_length
+        while t < end:
+            if root[t]:
+                accepted = min(int(length[t]), steps)
+                accepts.append(accepted + 1)
+                t += accepted + 1
+            else:
+                t += 1
+        rows.append(accepts)
+    return rows
+
+
+def decoding_walk(lengths: torch.Tensor, roots: torch.Tensor, row_length: int, steps: int) -> torch.Tensor:
+    """``walk_accept_lengths`` summed: [tokens emitted, verifications] (int64); their ratio is the
+    simulated acceptance length."""
+    accepts = [a for row in walk_accept_lengths(lengths, roots, row_length, steps) for a in row]
+    return torch.tensor([sum(accepts), len(accepts)], dtype=torch.long)
 
 
 def chained_acceptance_length(reached: list[float], accepted: list[float]) -> tuple[list[float], float]:

@@ -105,7 +105,11 @@ def plot_metrics(metrics_path: str, png_path: str, title: Optional[str] = None) 
         ax_al = axes[2]
         points = [r for r in evals if "eval_sim_al" in r]
         ax_al.plot([r["step"] for r in points], [r["eval_sim_al"] for r in points], "o-", color="tab:green",
-                   label=f"chained estimate at draft length {len(points[0]['eval_accept'])}")
+                   label=f"decoding replay at draft length {len(points[0]['eval_accept'])}")
+        chained = [r for r in points if "eval_chain_al" in r]
+        if chained:
+            ax_al.plot([r["step"] for r in chained], [r["eval_chain_al"] for r in chained], ":", color="tab:green",
+                       alpha=0.6, label="chained product (independent steps)")
         best = max(points, key=lambda r: r["eval_sim_al"])
         ax_al.annotate(f"best {best['eval_sim_al']:.3f} @ step {best['step']}", (best["step"], best["eval_sim_al"]),
                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)

@@ -256,7 +256,8 @@ class Trainer:
     # ---- one round: target -> features -> draft -----------------------------------------------
     def _round(self, data, rows: torch.Tensor, timer, train: bool, rounds: int):
         """Run the target and the draft over one round's rows; backprop when training.
-        Returns (weighted step losses [S], correct [S], valid [S], real tokens) of this rank."""
+        Returns (weighted step losses [S], correct [S], valid [S], real tokens, and when not training the
+        draft chains' counts [2, S] and the decoding walk [2], ``ttt_unroll``'s) of this rank."""
         mine = self.shards.mine(rows)
         dev = self.device
         if self.features is not None and data is self.train_data and self.features.covers(rows):
@@ -295,7 +296,8 @@ class Trainer:
             with self._phase(timer, "draft_backward", train):
                 out.loss.backward()
         real_tokens = int(data.row_lengths[mine].sum())
-        return out.weighted_step_losses, out.correct, out.valid, real_tokens, out.chain
+        chain = None if train else (out.chain, out.walk)
+        return out.weighted_step_losses, out.correct, out.valid, real_tokens, chain
 
     def _reduce_metrics(self, weighted: torch.Tensor, correct: torch.Tensor, valid: torch.Tensor,
                         tokens: int) -> dict:
@@ -367,9 +369,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
-        """Held-out loss and per-step accuracy, and the chained acceptance-length estimate
-        ``eval_sim_al = 1 + sum_j prod_{i<=j} a_i`` from the per-step conditional acceptance ``eval_accept``
-        (docs/design.md §10)."""
+        """Held-out loss and per-step accuracy, the per-step conditional acceptance ``eval_accept``, and two
+        acceptance-length estimates (docs/design.md §10): ``eval_sim_al``, greedy decoding replayed on the
+        teacher-forced chains (tokens per verification), and ``eval_chain_al = 1 + sum_j prod_{i<=j} a_i``."""
         data = self.eval_data
         per_round = self.plan.rows_per_round
         batches = min(self.cfg.train.eval_batches, len(data) // per_round)
@@ -378,19 +380,23 @@ class Trainer:
         s = self.cfg.draft.ttt_steps
         totals = [torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.long), torch.zeros(s, dtype=torch.long)]
         chain = torch.zeros(2, s, dtype=torch.float64)
+        walk = torch.zeros(2, dtype=torch.float64)
         timer = PhaseTimer(self.device)
         for b in range(batches):
             rows = torch.arange(b * per_round, (b + 1) * per_round)
-            w, c, v, _, ch = self._round(data, rows, timer, False, batches)
+            w, c, v, _, (ch, wk) = self._round(data, rows, timer, False, batches)
             totals[0] += w.double().cpu()
             totals[1] += c.cpu()
             totals[2] += v.cpu()
             chain += ch.double().cpu()
+            walk += wk.double().cpu()
         m = self._reduce_metrics(*totals, 0)
         reached, accepted = collectives.all_reduce(chain).tolist()
         rates, length = chained_acceptance_length(reached, accepted)
+        tokens, verifications = collectives.all_reduce(walk).tolist()
         out = {"eval_loss": m["loss"], "eval_loss_steps": m["loss_steps"], "eval_acc": m["acc"],
-               "eval_accept": rates, "eval_sim_al": length}
+               "eval_accept": rates, "eval_sim_al": tokens / verifications if verifications else 1.0,
+               "eval_chain_al": length}
         if self.spec_probe is not None:
             out.update(self.spec_probe.measure(self.draft))
         return out

@@ -10,7 +10,8 @@ import torch
 from specforge_mcore.config import DraftConfig
 from specforge_mcore.draft.attention import select_attention_backend
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
-from specforge_mcore.draft.ttt import DraftBatch, position_masks, step_weights, ttt_unroll
+from specforge_mcore.draft.ttt import (DraftBatch, decoding_walk, position_masks, step_weights, ttt_unroll,
+                                      walk_roots)
 
 H, HEADS, KV, D, V, VD, HT = 32, 4, 2, 8, 97, 23, 32
 
@@ -210,3 +211,10 @@ def test_chain_counts_follow_each_position_through_the_steps(monkeypatch):
         accepted.append(int(all_right.sum()))
     assert out.chain.tolist() == [reached, accepted]
     assert accepted[1] > 0 and reached[1] > accepted[1], "the design must exercise partial chains"
+    # The decoding replay: each root's chain length is its leading run of right steps.
+    lengths = torch.zeros(batch.num_tokens, dtype=torch.long)
+    for t in range(batch.num_tokens):
+        while lengths[t] < steps and bool((designed[int(lengths[t])] & masks[int(lengths[t])])[t]):
+            lengths[t] += 1
+    expected = decoding_walk(lengths, walk_roots(batch), batch.input_ids.shape[1], steps)
+    assert out.walk.tolist() == expected.tolist() and expected[1] > 0

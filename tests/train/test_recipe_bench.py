@@ -34,4 +34,4 @@ def test_two_variants_train_and_are_scored(tmp_path, capsys):
     # The variant really changed the objective: the training losses differ from the first step.
     assert len(runs["lk"]["train_loss"]) == 2 and runs["base"]["train_loss"][0] != runs["lk"]["train_loss"][0]
     table = capsys.readouterr().out
-    assert "| lk | `draft.objective=lk_alpha` |" in table and "best by the 3-step estimate" in table
+    assert "| lk | `draft.objective=lk_alpha` |" in table and "best by the 3-step chained estimate" in table
