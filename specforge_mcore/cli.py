@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-vocab": ("specforge_mcore.data.vocab", "build the draft vocabulary (d2t/t2d) from loss-masked tokens"),
     "train": ("specforge_mcore.train.cli", "train an EAGLE-3 draft against the frozen target"),
     "export": ("specforge_mcore.export.cli", "write an SGLang or speculators checkpoint from a training checkpoint"),
-    "dump-features": ("specforge_mcore.features.dump", "write the target's features of the training rows to an offline store"),
+    "dump-features": ("specforge_mcore.features.dump", "write the target's features of the training and held-out rows to an offline store"),
     "import-draft": ("specforge_mcore.export.importer", "turn an EAGLE-3 draft trained elsewhere into a checkpoint of ours"),
     "eval": ("specforge_mcore.eval.cli", "speculative decoding with the exported draft: acceptance length, lossless check"),
     "eval-table": ("specforge_mcore.eval.table", "one table from several eval outputs (drafts x prompt sets x configs)"),

@@ -127,9 +127,12 @@ def _files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def write_manifest(directory: str, exclude: tuple[str, ...] = ()) -> None:
+def write_manifest(directory: str, exclude: tuple[str, ...] = (), exclude_dirs: tuple[str, ...] = ()) -> None:
+    """``MANIFEST.json``: size and SHA-256 of every file under ``directory`` but ``exclude`` and the files
+    under the subdirectories ``exclude_dirs`` (another directory's own contents)."""
+    skip = tuple(d.rstrip("/") + "/" for d in exclude_dirs)
     entries = {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": sha256_file(os.path.join(directory, rel))}
-               for rel in _files(directory) if rel not in exclude}
+               for rel in _files(directory) if rel not in exclude and not rel.startswith(skip)}
     write_bytes(os.path.join(directory, MANIFEST), (json.dumps({"files": entries}, indent=1) + "\n").encode())
 
 

@@ -1,7 +1,8 @@
 """``specforge-mcore dump-features --config configs/X.yaml --out STORE [key=value ...]``: run the frozen
-target over every training row, in the config's layout (TP/EP/PP, any launcher), and write
-their features to an offline feature store (docs/design.md §13) without training a draft. A rerun skips
-the rounds already stored. ``train --config ... data.features=STORE`` then trains from it at any world size.
+target over every training row and every held-out row, in the config's layout (TP/EP/PP, any launcher),
+and write their features to an offline feature store (docs/design.md §13; held-out rows in STORE/heldout)
+without training a draft. A rerun skips the rounds already stored. ``train --config ...
+data.features=STORE`` then trains from it at any world size without loading the target.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main(args: argparse.Namespace) -> int:
     summary = trainer.dump_features()
     if trainer.is_main:
         state = "was already complete" if summary.get("already_complete") else f"complete in {summary['seconds']:.0f} s"
-        print(f"feature store {args.out}: {summary['rows']} rows, {state}", flush=True)
+        print(f"feature store {args.out}: {summary['rows']} training rows, {summary['heldout_rows']} held-out rows, "
+              f"{state}", flush=True)
     if dist.is_initialized():
         collectives.barrier()
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ Layout of a store directory::
     shards/rank00000-000000.safetensors   rows int64 [n], aux [n, C, L, H], final [n, L, H], argmax int32 [n, L]
     shards/rank00000.jsonl          append-only: one line per finished shard (file, rows, bytes, SHA-256)
     index.json, MANIFEST.json, COMPLETE    written by ``finalize`` once every rank is done
+    heldout/                        the held-out rows' store, the same layout (``features/cache.py``)
 
 A shard file is written whole and fsynced before its line is appended, so after a crash a shard without a
 line is discarded and the rows it held are dumped again: a rerun skips exactly the rows that are safely
@@ -167,7 +168,7 @@ def finalize(root: str, expected_rows: Union[int, Iterable[int], None] = None) -
             raise UserError(f"{root}: {len(missing)} of {len(expected)} rows have no features yet "
                             f"(first {missing[:5]}); run dump-features again to finish it")
     write_bytes(os.path.join(root, INDEX), (json.dumps({str(r): v for r, v in sorted(index.items())}) + "\n").encode())
-    write_manifest(root, exclude=(COMPLETE,))
+    write_manifest(root, exclude=(COMPLETE,), exclude_dirs=("heldout",))  # the held-out store is its own
     write_bytes(os.path.join(root, COMPLETE), b"")
     return {"rows": len(index), "bytes": sum(os.path.getsize(os.path.join(shard_dir, f)) for f in os.listdir(shard_dir))}
 

@@ -72,6 +72,50 @@ def attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return ~(same_doc & causal)[:, None]
 
 
+def read_draft_inputs(hf_dir: str, hf: dict, family, dtype: torch.dtype, draft_ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token embedding [V, H] in ``dtype`` and the output-layer rows ``draft_ids`` [Vd, H] (fp32), read
+    from the checkpoint in ``hf_dir`` by the family's key names (``TargetHost.draft_inputs``)."""
+    reader = SafetensorsReader(hf_dir)
+    try:
+        embedding = reader.read(family.hf_key("embed")).to(dtype)
+        head_key = family.lm_head_key(hf)
+        rows = torch.stack([reader.read(head_key, rows=(i, i + 1))[0] for i in draft_ids.tolist()]).float()
+    finally:
+        reader.close()
+    return embedding, rows
+
+
+class StoredTarget:
+    """The target when every row the run reads has its features in a complete feature store
+    (``data.features``, docs/design.md §13): its config, capture layers, token embedding and output rows of
+    the draft vocabulary (read from the checkpoint), and no model. The configured layout's process groups
+    stay, so each rank reads the rows it would train on with the target loaded."""
+
+    weights_note = None
+
+    def __init__(self, hf_dir: str, layout: Layout, dtype: torch.dtype, capture_layer_ids: Optional[list[int]] = None):
+        from megatron.core import parallel_state as ps
+
+        from specforge_mcore.target.families import family_for
+
+        self.hf_dir, self.layout, self.dtype = hf_dir, layout, dtype
+        self.hf = read_hf_config(hf_dir)
+        self.family = family_for(self.hf, f"{hf_dir}/config.json")
+        self.num_layers = int(self.hf["num_hidden_layers"])
+        self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)
+                                  if capture_layer_ids is not None else default_capture_layer_ids(self.num_layers))
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+
+    def draft_inputs(self, draft_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return read_draft_inputs(self.hf_dir, self.hf, self.family, self.dtype, draft_ids)
+
+    def forward(self, micro_batches, want_logits: bool = False):
+        raise UserError(f"the target {self.hf_dir} was not loaded (every row was in the feature store when the "
+                        "run started), yet a round asked for its forward: a row without stored features")
+
+
 class TargetHost:
     def __init__(self, hf_dir: str, layout: Layout, dtype: torch.dtype = torch.float32,
                  capture_layer_ids: Optional[list[int]] = None, teacher_impl: str = "auto", teacher_chunk_tokens: int = 1024,
@@ -128,14 +172,7 @@ class TargetHost:
         rows of the draft vocabulary ``[Vd, H]`` (fp32, as stored; they seed the draft head and form the
         teacher). Read from the checkpoint, so every rank has them whatever pipeline stage it holds; the
         caller casts them once, by the dtype policy."""
-        reader = SafetensorsReader(self.hf_dir)
-        try:
-            embedding = reader.read(self.stage.family.hf_key("embed")).to(self.dtype)
-            head_key = self.stage.family.lm_head_key(self.hf)
-            rows = torch.stack([reader.read(head_key, rows=(i, i + 1))[0] for i in draft_ids.tolist()]).float()
-        finally:
-            reader.close()
-        return embedding, rows
+        return read_draft_inputs(self.hf_dir, self.hf, self.stage.family, self.dtype, draft_ids)
 
     # ---- stage facts --------------------------------------------------------------------------
     @property

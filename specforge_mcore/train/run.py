@@ -50,4 +50,7 @@ def train_worker(rank: int, world: int, cfg_tree: dict, out_dir: str, return_wei
     weights = {k: v.detach().cpu().clone() for k, v in trainer.draft.trainable_state_dict().items()} \
         if return_weights and rank == 0 else None
     collectives.barrier()
-    return {"history": history, "weights": weights, "rank": rank, "eval_before": before}
+    from specforge_mcore.target.host import StoredTarget
+
+    return {"history": history, "weights": weights, "rank": rank, "eval_before": before,
+            "target_loaded": not isinstance(trainer.host, StoredTarget)}

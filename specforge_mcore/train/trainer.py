@@ -40,13 +40,13 @@ from specforge_mcore.draft.io import load_draft
 from specforge_mcore.draft.model import DraftArch, Eagle3Draft
 from specforge_mcore.draft.ttt import DraftBatch, chained_acceptance_length, position_masks, step_weights, ttt_unroll
 from specforge_mcore.errors import UserError
-from specforge_mcore.features.cache import FeatureCache
+from specforge_mcore.features.cache import FeatureCache, stores_cover_run
 from specforge_mcore.features.store import store_identity
 from specforge_mcore.parallel import describe_topology, init_distributed, raise_together
 from specforge_mcore.precision import DtypePolicy
 from specforge_mcore.target.build import Layout, check_layout, init_model_parallel, read_hf_config
 from specforge_mcore.target.families import family_for
-from specforge_mcore.target.host import TargetHost
+from specforge_mcore.target.host import StoredTarget, TargetHost
 from specforge_mcore.target.packing_check import check_document_isolation
 from specforge_mcore.target.transport import row_shards, scatter_features
 from specforge_mcore.train import faults, state
@@ -107,16 +107,10 @@ class Trainer:
         self.precision = DtypePolicy.resolve(tc.dtype, cfg.draft.dtype, self.device)
         if self.is_main and not quiet:
             print(self.precision.describe(), flush=True)
-        self.host = TargetHost(self.hf_dir, self.layout, self.precision.target, tc.capture_layer_ids,
-                               teacher_impl=cfg.kernels.teacher, teacher_chunk_tokens=cfg.kernels.teacher_chunk_tokens,
-                               fp8=tc.fp8, quantize=tc.quantize)
-        if self.is_main and not quiet and self.host.weights_note:
-            print(self.host.weights_note, flush=True)
-        # Before any data work: packed documents must not see each other in this target's attention path.
-        check_document_isolation(self.host)  # logs its summary; raises (on every rank) when documents leak
-        self.hf = self.host.hf
-        self.shards = row_shards(self.host)  # which rows of a round this rank trains on
+        self.hf = hf
         self._setup_data()
+        self.host = self._setup_target()
+        self.shards = row_shards(self.host)  # which rows of a round this rank trains on
         self.spec_probe = self._setup_spec_probe()
         self.features = self._setup_features()
         self._setup_draft()
@@ -156,6 +150,29 @@ class Trainer:
         self.steps_per_epoch = len(train) // self.plan.global_batch
         total = math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.total_steps = cfg.train.max_steps if cfg.train.max_steps is not None else max(1, total)
+
+    def _setup_target(self):
+        """The Megatron target, or, when complete feature stores hold every row this run reads, only what the
+        draft needs of it (``StoredTarget``: no model built, no target memory)."""
+        cfg, tc = self.cfg, self.cfg.target
+        flag = torch.tensor([0])
+        if self.is_main and cfg.data.features:  # rank 0 looks, every rank follows
+            flag[0] = int(stores_cover_run(cfg.data.features, len(self.train_data), self.heldout_rows_read()))
+        collectives.broadcast(flag, src=0)
+        if int(flag):
+            if self.is_main and not self.quiet:
+                print(f"every training row and the {self.heldout_rows_read()} held-out rows evaluation reads are in "
+                      f"the feature store {cfg.data.features}: the target is not loaded (its embedding and the output "
+                      "rows of the draft vocabulary are read from the checkpoint)", flush=True)
+            return StoredTarget(self.hf_dir, self.layout, self.precision.target, tc.capture_layer_ids)
+        host = TargetHost(self.hf_dir, self.layout, self.precision.target, tc.capture_layer_ids,
+                          teacher_impl=cfg.kernels.teacher, teacher_chunk_tokens=cfg.kernels.teacher_chunk_tokens,
+                          fp8=tc.fp8, quantize=tc.quantize)
+        if self.is_main and not self.quiet and host.weights_note:
+            print(host.weights_note, flush=True)
+        # Before any training: packed documents must not see each other in this target's attention path.
+        check_document_isolation(host)  # logs its summary; raises (on every rank) when documents leak
+        return host
 
     def _setup_spec_probe(self):
         """``train.eval_spec_prompts``: real speculative decoding at each evaluation (rank 0; spec_eval.py)."""
@@ -260,9 +277,10 @@ class Trainer:
         draft chains' counts [2, S] and the decoding walk [2], ``ttt_unroll``'s) of this rank."""
         mine = self.shards.mine(rows)
         dev = self.device
-        if self.features is not None and data is self.train_data and self.features.covers(rows):
+        split = data is self.train_data  # the training rows' store, or the held-out rows'
+        if self.features is not None and self.features.covers(rows, split):
             with timer("feature_read"):  # the offline feature store has this round's rows: no target forward
-                aux, final, argmax = self.features.read(mine)
+                aux, final, argmax = self.features.read(mine, split)
                 aux, final, argmax = [a.to(dev) for a in aux], final.to(dev), argmax.to(dev)
         else:
             with self._phase(timer, "target_forward", train):
@@ -271,8 +289,8 @@ class Trainer:
                 shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length, self.shards)
             del captures
             aux, final, argmax = shard.aux_hidden, shard.final_hidden, shard.target_argmax
-            if self.features is not None and data is self.train_data:
-                self.features.write(mine, aux, final, argmax)
+            if self.features is not None:
+                self.features.write(mine, aux, final, argmax, train=split)
         batch = DraftBatch(
             input_ids=data.input_ids[mine].to(dev), position_ids=data.position_ids[mine].to(dev),
             document_ids=data.document_ids[mine].to(dev), assistant_mask=data.assistant_mask[mine].to(dev),
@@ -367,6 +385,12 @@ class Trainer:
         faults.after_step(self.step, self.rank)
         return metrics
 
+    def heldout_rows_read(self) -> int:
+        """How many held-out rows each evaluation reads (rows ``0..n-1``: whole rounds, at most
+        ``train.eval_batches``)."""
+        per_round = self.plan.rows_per_round
+        return min(self.cfg.train.eval_batches, len(self.eval_data) // per_round) * per_round
+
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
         """Held-out loss and per-step accuracy, the per-step conditional acceptance ``eval_accept``, and two
@@ -374,7 +398,7 @@ class Trainer:
         teacher-forced chains (tokens per verification), and ``eval_chain_al = 1 + sum_j prod_{i<=j} a_i``."""
         data = self.eval_data
         per_round = self.plan.rows_per_round
-        batches = min(self.cfg.train.eval_batches, len(data) // per_round)
+        batches = self.heldout_rows_read() // per_round
         if batches == 0:
             return None
         s = self.cfg.draft.ttt_steps
@@ -390,6 +414,8 @@ class Trainer:
             totals[2] += v.cpu()
             chain += ch.double().cpu()
             walk += wk.double().cpu()
+        if self.features is not None:  # a run that caches: the first evaluation completes the held-out store
+            self.features.end_of_evaluation(set(range(batches * per_round)))
         m = self._reduce_metrics(*totals, 0)
         reached, accepted = collectives.all_reduce(chain).tolist()
         rates, length = chained_acceptance_length(reached, accepted)
@@ -403,42 +429,59 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def dump_features(self) -> dict:
-        """``specforge-mcore dump-features``: run the target over every training row and write their features
-        to ``data.features`` (no draft training), so any epoch's order reads only stored rows; rounds already
-        stored are skipped (a rerun after a crash continues). Returns the store's summary."""
-        writer = self.features.writer if self.features is not None else None
+        """``specforge-mcore dump-features``: run the target over every training row and every held-out row and
+        write their features to ``data.features`` (and its ``heldout/``), without training a draft, so that
+        training from it need not load the target. Rounds already stored are skipped (a rerun after a crash
+        continues). Returns the stores' summary."""
+        if self.features is None:
+            return {"rows": 0, "heldout_rows": 0, "already_complete": True}
+        start = time.perf_counter()
+        already = self.features.writer is None and self.features.heldout_writer is None
+        for train in (True, False):
+            self._dump_split(train)
+        reader, heldout = self.features.reader, self.features.heldout_reader
+        return {"rows": len(reader) if reader is not None else 0,
+                "heldout_rows": len(heldout) if heldout is not None else 0,
+                "seconds": time.perf_counter() - start, "already_complete": already}
+
+    def _dump_split(self, train: bool) -> None:
+        features = self.features
+        writer = features.writer if train else features.heldout_writer
         if writer is None:
-            return {"rows": len(self.features.reader) if self.features is not None else 0, "already_complete": True}
-        per_round, n = self.plan.rows_per_round, len(self.train_data)
+            return
+        data = self.train_data if train else self.eval_data
+        per_round, n = self.plan.rows_per_round, len(data)
         order = torch.arange(n)
         # Whole rounds in row order; a last, overlapping round takes the remainder (stored rows are skipped).
+        # A held-out split smaller than a round is never evaluated: its store is empty.
         rounds = [order[i:i + per_round] for i in range(0, n - per_round + 1, per_round)]
-        rounds += [order[n - per_round:]] if n % per_round else []
-        bar = tqdm(total=len(rounds), desc="dump-features", unit="round", disable=not self.is_main or self.quiet,
-                   dynamic_ncols=True)
+        rounds += [order[n - per_round:]] if n % per_round and n >= per_round else []
+        bar = tqdm(total=len(rounds), desc=f"dump-features ({'train' if train else 'held-out'})", unit="round",
+                   disable=not self.is_main or self.quiet, dynamic_ncols=True)
         start, written = time.perf_counter(), 0
         with torch.no_grad():
             for number, rows in enumerate(rounds):
                 # The last round may overlap rows another rank stored: skip those too.
-                skip = self.features.stored_by_all() if number == len(rounds) - 1 and n % per_round else frozenset()
+                skip = features.stored_by_all(train) if number == len(rounds) - 1 and n % per_round else frozenset()
                 done = writer.done | skip
                 # Every rank decides from the whole round (rows other ranks wrote are in their ledgers).
                 flag = torch.tensor([0 if all(r in done for r in self.shards.mine(rows).tolist()) else 1])
                 collectives.all_reduce(flag)
                 if int(flag):
-                    captures = self.host.forward(micro_batches(self.train_data, self.shards.group(rows),
-                                                               self.plan.micro_batch_size))
-                    shard = scatter_features(self.host, captures, self.plan.micro_batch_size,
-                                             self.train_data.max_length, self.shards)
-                    self.features.write(self.shards.mine(rows), shard.aux_hidden, shard.final_hidden,
-                                        shard.target_argmax, skip)
-                    written += len(rows) * self.train_data.max_length * writer.bytes_per_token
+                    captures = self.host.forward(micro_batches(data, self.shards.group(rows), self.plan.micro_batch_size))
+                    shard = scatter_features(self.host, captures, self.plan.micro_batch_size, data.max_length,
+                                             self.shards)
+                    features.write(self.shards.mine(rows), shard.aux_hidden, shard.final_hidden, shard.target_argmax,
+                                   skip, train=train)
+                    written += len(rows) * data.max_length * writer.bytes_per_token
                 bar.update(1)
                 bar.set_postfix(MiB_s=f"{written / 2**20 / max(time.perf_counter() - start, 1e-9):.1f}", refresh=False)
         bar.close()
-        self.features.end_of_epoch(set(range(n)))
-        return {"rows": len(self.features.reader) if self.features.reader is not None else 0,
-                "seconds": time.perf_counter() - start, "already_complete": False}
+        rows = set(range(n)) if rounds else set()
+        if train:
+            features.end_of_epoch(rows)
+        else:
+            features.end_of_evaluation(rows)
 
     def fit(self) -> list[dict]:
         cfg = self.cfg.train

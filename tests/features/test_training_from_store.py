@@ -74,3 +74,55 @@ def test_dumped_at_ep2_on_two_ranks_trained_on_one(tmp_path):
     stored, phases, _ = train(tmp_path / "stored", f"data.features={store}", "data.features_dtype=float32")
     assert all("target_forward" not in p for p in phases)
     torch.testing.assert_close(torch.tensor(stored), torch.tensor(online), rtol=1e-5, atol=0)
+
+
+def _run(out, *overrides):
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={out}", "train.global_batch_size=1", "train.max_steps=3",
+                                            "train.eval_every=1", "train.eval_batches=1", "train.save_every=0",
+                                            "train.plot=false", "data.features_dtype=float32", *overrides])
+    (result,) = spawn(train_worker, 1, config_to_dict(cfg), str(out), True)
+    return cfg, result
+
+
+def _trained(result):
+    steps = [r for r in result["history"] if "loss" in r]
+    evals = [r["eval_loss"] for r in result["history"] if "eval_loss" in r]
+    return [r["loss"] for r in steps], evals, [set(r["phases"]) for r in steps]
+
+
+@pytest.mark.slow
+def test_a_complete_store_trains_without_loading_the_target(tmp_path):
+    """dump-features stores the training and the held-out rows; a run that reads only stored rows never
+    builds the target and gives the online run's losses and held-out losses, bitwise (fp32 store)."""
+    _, online = _run(tmp_path / "online")
+    online_losses, online_evals, _ = _trained(online)
+    assert online["target_loaded"] and len(online_evals) == 4  # after steps 1-3 and the final one
+
+    store = tmp_path / "store"
+    (summary,) = spawn(_dump_worker, 1, config_to_dict(load_config(
+        "configs/tiny.yaml", [f"train.out_dir={tmp_path / 'work'}", "train.global_batch_size=1", "train.eval_batches=1",
+                              f"data.features={store}", "train.cache_features=true", "data.features_dtype=float32"])),
+        str(tmp_path / "work"))
+    assert summary["rows"] == 7 and summary["heldout_rows"] >= 1
+    assert (store / "heldout" / "COMPLETE").exists()
+    manifest = json.loads((store / "MANIFEST.json").read_text())["files"]
+    assert not [f for f in manifest if f.startswith("heldout/")], "the held-out store is not part of the training store"
+
+    _, stored = _run(tmp_path / "stored", f"data.features={store}")
+    losses, evals, phases = _trained(stored)
+    assert not stored["target_loaded"]
+    assert losses == online_losses and evals == online_evals
+    assert all("target_forward" not in p for p in phases)
+    assert all(torch.equal(stored["weights"][k], online["weights"][k]) for k in online["weights"])
+
+
+@pytest.mark.slow
+def test_a_caching_run_stores_its_held_out_rows_for_the_next_run(tmp_path):
+    """With train.cache_features the first evaluation writes the held-out rows' features; the epoch writes
+    the training rows'; the next run on that store does not load the target."""
+    store = tmp_path / "store"
+    _, first = _run(tmp_path / "first", f"data.features={store}", "train.cache_features=true", "train.max_steps=8")
+    assert first["target_loaded"] and (store / "COMPLETE").exists() and (store / "heldout" / "COMPLETE").exists()
+    _, second = _run(tmp_path / "second", f"data.features={store}")
+    assert not second["target_loaded"]
+    assert _trained(second)[1][0] == [r["eval_loss"] for r in first["history"] if "eval_loss" in r][0]
