@@ -258,6 +258,20 @@ def _prepare(cfg: RunConfig, force: bool):
     return train, evaluation, bad, entry, False
 
 
+def prepared_stats(cfg: RunConfig) -> Optional[tuple[dict, dict]]:
+    """The training and held-out statistics (rows, tokens, ...) of this config's data cache entry if it has
+    been prepared, without preparing it; None when it has not (or no tokenizer is at hand to name it)."""
+    path = cfg.target.tokenizer_dir or cfg.target.hf_dir
+    if not path or not os.path.isdir(path):
+        return None
+    key, _ = cache_key(cfg, load_tokenizer(cfg))
+    meta_path = os.path.join(cache_root(cfg), key, _COMPLETE)
+    if not os.path.isfile(meta_path):
+        return None
+    meta = read_json(meta_path, f"{meta_path}: missing")
+    return meta["train"], meta["eval"]
+
+
 def _load_entry(entry: str):
     """A complete cache entry, checked against its manifest (entries written before manifests existed pass)."""
     meta = read_json(os.path.join(entry, _COMPLETE), f"{entry}: no {_COMPLETE}")

@@ -349,6 +349,28 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
 # ----------------------------------------------------------------------------------------------
 
 
+def store_size_note(cfg, hf: dict) -> str:
+    """The offline feature store of this recipe's own data (training rows plus held-out rows, whole rows of
+    ``data.max_length`` as stored), when its data cache is prepared."""
+    from specforge_mcore.data.prepare import prepared_stats
+    from specforge_mcore.features.layout import StoreLayout
+    from specforge_mcore.target.host import check_capture_layer_ids, default_capture_layer_ids
+
+    stats = prepared_stats(cfg)
+    if stats is None:
+        return ("offline feature store of this recipe's data: run `specforge-mcore prepare-data` with this config "
+                "first (the size depends on how many packed rows the data makes)")
+    layers = int(hf["num_hidden_layers"])
+    capture = (check_capture_layer_ids(cfg.target.capture_layer_ids, layers) if cfg.target.capture_layer_ids is not None
+               else default_capture_layer_ids(layers))
+    store = StoreLayout(int(hf["hidden_size"]), len(capture), 2)
+    train, held = stats
+    per_row = train["max_length"] * store.bytes_per_token
+    return (f"offline feature store of this recipe's data (bf16): {train['rows']} training rows + {held['rows']} held-out "
+            f"rows of {train['max_length']} tokens = {fmt_bytes(train['rows'] * per_row)} + "
+            f"{fmt_bytes(held['rows'] * per_row)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config (YAML), e.g. configs/qwen3-235b-a22b.yaml")
     parser.add_argument("--gpus", type=int, default=None, help="world size (default: plan.nodes x plan.gpus_per_node)")
@@ -367,5 +389,6 @@ def main(args: argparse.Namespace) -> int:
     memory = parse_memory(args.gpu_memory or cfg.plan.gpu_memory)
     hf, where = resolve_hf_config(cfg, args.hf_config)
     plan = plan_memory(cfg, world, memory, device=args.device, hf=hf, where=where, target_attention=args.target_attention)
+    plan.notes.append(store_size_note(cfg, hf))
     print(plan.format())
     return 0 if plan.fits else 1

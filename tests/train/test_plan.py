@@ -16,7 +16,7 @@ import torch
 
 from specforge_mcore.config import DraftConfig, load_config
 from specforge_mcore.parallel import init_distributed, spawn
-from specforge_mcore.train.plan import GiB, parse_memory, plan_memory, resolve_hf_config, stage_weight_bytes
+from specforge_mcore.train.plan import GiB, fmt_bytes, parse_memory, plan_memory, resolve_hf_config, stage_weight_bytes
 
 RECIPES = sorted(p for p in glob.glob("configs/*.yaml") if os.path.basename(p) not in ("tiny.yaml", "demo-smollm2.yaml")
                  and "plan:" in open(p).read())
@@ -170,3 +170,20 @@ def test_the_feature_store_size_is_planned_from_its_layout():
     note = next(n for n in plan_memory(cfg, 8, 80 * GiB, hf=hf).notes if n.startswith("offline feature store"))
     full = store.logits_store_bytes_per_token(hf["vocab_size"]) / store.bytes_per_token
     assert "22.5 KiB/token" in note and "1.41 GiB per 64K tokens" in note and f"full-vocabulary logits: x{full:.1f}" in note
+
+
+def test_plan_sizes_the_store_of_the_recipes_own_data(tmp_path):
+    """Once the data is prepared, plan reports the store for its packed rows (training and held-out), from
+    the same per-token layout the store writes."""
+    from specforge_mcore.data.prepare import prepare_data
+    from specforge_mcore.features.layout import StoreLayout
+    from specforge_mcore.train.plan import store_size_note
+
+    cfg = load_config("configs/tiny.yaml", [f"data.cache_dir={tmp_path}"])
+    hf, _ = resolve_hf_config(cfg)
+    assert "run `specforge-mcore prepare-data`" in store_size_note(cfg, hf)
+    train, held, _ = prepare_data(cfg)
+    note = store_size_note(cfg, hf)
+    per_row = cfg.data.max_length * StoreLayout(hf["hidden_size"], 3, 2).bytes_per_token
+    assert f"{len(train)} training rows + {len(held)} held-out rows of {cfg.data.max_length} tokens" in note
+    assert f"= {fmt_bytes(len(train) * per_row)} + {fmt_bytes(len(held) * per_row)}" in note
