@@ -195,6 +195,9 @@ class Trainer:
         """``data.features``: the offline feature store of the training rows (features/cache.py)."""
         cfg = self.cfg
         if not cfg.data.features:
+            if cfg.train.cache_features and self.is_main and not self.quiet:
+                print("note: train.cache_features=true without data.features: no feature store, every epoch runs "
+                      "the target (set data.features=DIR to cache)", flush=True)
             return None
         # The target's features depend on its weights and the dtype it computes in, not on where it lives.
         target = {k: v for k, v in target_identity(self.hf, self.hf_dir).items() if k != "hf_dir"}
