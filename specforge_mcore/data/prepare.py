@@ -260,10 +260,14 @@ def _prepare(cfg: RunConfig, force: bool):
 
 def prepared_stats(cfg: RunConfig) -> Optional[tuple[dict, dict]]:
     """The training and held-out statistics (rows, tokens, ...) of this config's data cache entry if it has
-    been prepared, without preparing it; None when it has not (or no tokenizer is at hand to name it)."""
+    been prepared, without preparing it; None when it has not (or its data files or tokenizer are not
+    there yet to name it)."""
     path = cfg.target.tokenizer_dir or cfg.target.hf_dir
     if not path or not os.path.isdir(path):
         return None
+    files = [*cfg.data.train_files, *cfg.data.eval_files]
+    if any(not p.startswith("sharegpt") and not os.path.isfile(p) for p in files):
+        return None  # a data file not made yet (the demo's regenerated file before `make demo`)
     key, _ = cache_key(cfg, load_tokenizer(cfg))
     meta_path = os.path.join(cache_root(cfg), key, _COMPLETE)
     if not os.path.isfile(meta_path):

@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for train (the layout: target.tp=2 ...)")
 
 
+def dump_worker(rank: int, world: int, cfg_tree: dict, work: str) -> dict:
+    """One rank of ``dump-features`` started by ``specforge_mcore.parallel.spawn`` (tests): the stores' summary."""
+    from specforge_mcore.config import config_from_dict
+
+    return Trainer(config_from_dict(cfg_tree), work, quiet=True).dump_features()
+
+
 def main(args: argparse.Namespace) -> int:
     work = args.work_dir or args.out.rstrip("/") + ".work"
     cfg = load_config(args.config, [*args.overrides, f"data.features={args.out}", "train.cache_features=true",

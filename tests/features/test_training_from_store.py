@@ -50,13 +50,6 @@ def test_bf16_store_trains_within_bf16_rounding(tmp_path):
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(online), rtol=1e-3, atol=0)
 
 
-def _dump_worker(rank, world, cfg_tree, work):
-    from specforge_mcore.config import config_from_dict
-    from specforge_mcore.train.trainer import Trainer
-
-    return Trainer(config_from_dict(cfg_tree), work, quiet=True).dump_features()
-
-
 @pytest.mark.slow
 def test_dumped_at_ep2_on_two_ranks_trained_on_one(tmp_path):
     """dump-features in one layout (EP2, 2 ranks), training from the store in another (1 process): the
@@ -66,7 +59,9 @@ def test_dumped_at_ep2_on_two_ranks_trained_on_one(tmp_path):
                                             "train.global_batch_size=2",
                                             f"data.features={store}", "train.cache_features=true",
                                             "data.features_dtype=float32"])
-    summaries = spawn(_dump_worker, 2, config_to_dict(cfg), str(tmp_path / "work"))
+    from specforge_mcore.features.dump import dump_worker  # a module-level function the ranks import
+
+    summaries = spawn(dump_worker, 2, config_to_dict(cfg), str(tmp_path / "work"))
     assert summaries[0]["rows"] == 7 and not summaries[0]["already_complete"]
     assert {len(json.loads(line)["rows"]) for ledger in (store / "shards").glob("*.jsonl")
             for line in ledger.read_text().splitlines()} and len(list((store / "shards").glob("*.jsonl"))) == 2
@@ -99,7 +94,9 @@ def test_a_complete_store_trains_without_loading_the_target(tmp_path):
     assert online["target_loaded"] and len(online_evals) == 4  # after steps 1-3 and the final one
 
     store = tmp_path / "store"
-    (summary,) = spawn(_dump_worker, 1, config_to_dict(load_config(
+    from specforge_mcore.features.dump import dump_worker
+
+    (summary,) = spawn(dump_worker, 1, config_to_dict(load_config(
         "configs/tiny.yaml", [f"train.out_dir={tmp_path / 'work'}", "train.global_batch_size=1", "train.eval_batches=1",
                               f"data.features={store}", "train.cache_features=true", "data.features_dtype=float32"])),
         str(tmp_path / "work"))

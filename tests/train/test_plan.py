@@ -182,6 +182,9 @@ def test_plan_sizes_the_store_of_the_recipes_own_data(tmp_path):
     cfg = load_config("configs/tiny.yaml", [f"data.cache_dir={tmp_path}"])
     hf, _ = resolve_hf_config(cfg)
     assert "run `specforge-mcore prepare-data`" in store_size_note(cfg, hf)
+    # A data file not made yet (the demo's regenerated file on a fresh clone) is no error for plan.
+    missing = load_config("configs/tiny.yaml", [f"data.cache_dir={tmp_path}", f"data.train_files=[{tmp_path}/none.jsonl]"])
+    assert "run `specforge-mcore prepare-data`" in store_size_note(missing, hf)
     train, held, _ = prepare_data(cfg)
     note = store_size_note(cfg, hf)
     per_row = cfg.data.max_length * StoreLayout(hf["hidden_size"], 3, 2).bytes_per_token
