@@ -47,6 +47,11 @@ def check_capture_layer_ids(ids: list[int], num_layers: int) -> list[int]:
     return list(ids)
 
 
+def resolve_capture_layer_ids(ids: Optional[list[int]], num_layers: int) -> list[int]:
+    """``target.capture_layer_ids`` checked, or the default for ``num_layers`` when it is not set."""
+    return check_capture_layer_ids(ids, num_layers) if ids is not None else default_capture_layer_ids(num_layers)
+
+
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [b, s] int64
@@ -103,8 +108,7 @@ class StoredTarget:
         self.hf = read_hf_config(hf_dir)
         self.family = family_for(self.hf, f"{hf_dir}/config.json")
         self.num_layers = int(self.hf["num_hidden_layers"])
-        self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)
-                                  if capture_layer_ids is not None else default_capture_layer_ids(self.num_layers))
+        self.capture_layer_ids = resolve_capture_layer_ids(capture_layer_ids, self.num_layers)
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
 
@@ -148,8 +152,7 @@ class TargetHost:
             self.weights_note = f"target weights: {quantize_fp8(self.stage.model)}"
         self.model = self.stage.model
         self.num_layers = int(self.hf["num_hidden_layers"])
-        self.capture_layer_ids = (check_capture_layer_ids(capture_layer_ids, self.num_layers)
-                                  if capture_layer_ids is not None else default_capture_layer_ids(self.num_layers))
+        self.capture_layer_ids = resolve_capture_layer_ids(capture_layer_ids, self.num_layers)
         # Rotary angles the host passes to Megatron's attention (MLA computes its own from positions).
         self.rope = None if self.stage.position_rotary is not None else RopeTable(self.hf, self.model.config.kv_channels)
         self.tp_group = ps.get_tensor_model_parallel_group()

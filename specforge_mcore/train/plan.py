@@ -197,7 +197,7 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
     from specforge_mcore.draft.model import DraftArch
     from specforge_mcore.target.build import Layout, check_layout
     from specforge_mcore.target.families import family_for
-    from specforge_mcore.target.host import check_capture_layer_ids, default_capture_layer_ids
+    from specforge_mcore.target.host import resolve_capture_layer_ids
     from specforge_mcore.train.batching import BatchPlan
 
     if hf is None:
@@ -238,8 +238,7 @@ def plan_memory(cfg: RunConfig, world: int, gpu_memory: int, device: str = "cuda
     act = 2 if cuda else 4  # draft matrix-product outputs (bf16 autocast on GPU)
     tc = family.transformer_config(hf)
     L, H, V = hf["num_hidden_layers"], tc["hidden_size"], int(hf["vocab_size"])
-    capture = (check_capture_layer_ids(tc_cfg.capture_layer_ids, L) if tc_cfg.capture_layer_ids is not None
-               else default_capture_layer_ids(L))
+    capture = resolve_capture_layer_ids(tc_cfg.capture_layer_ids, L)
     arch = DraftArch.from_target(hf, cfg.draft, capture, cfg.draft.draft_vocab_size)
     Vd, P, S = arch.draft_vocab_size, draft_param_count(arch), cfg.draft.ttt_steps
     s, b = cfg.data.max_length, tc_cfg.micro_batch_size
@@ -354,15 +353,14 @@ def store_size_note(cfg, hf: dict) -> str:
     ``data.max_length`` as stored), when its data cache is prepared."""
     from specforge_mcore.data.prepare import prepared_stats
     from specforge_mcore.features.layout import StoreLayout
-    from specforge_mcore.target.host import check_capture_layer_ids, default_capture_layer_ids
+    from specforge_mcore.target.host import resolve_capture_layer_ids
 
     stats = prepared_stats(cfg)
     if stats is None:
         return ("offline feature store of this recipe's data: run `specforge-mcore prepare-data` with this config "
                 "first (the size depends on how many packed rows the data makes)")
     layers = int(hf["num_hidden_layers"])
-    capture = (check_capture_layer_ids(cfg.target.capture_layer_ids, layers) if cfg.target.capture_layer_ids is not None
-               else default_capture_layer_ids(layers))
+    capture = resolve_capture_layer_ids(cfg.target.capture_layer_ids, layers)
     store = StoreLayout(int(hf["hidden_size"]), len(capture), 2)
     train, held = stats
     per_row = train["max_length"] * store.bytes_per_token
