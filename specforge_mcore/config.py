@@ -94,8 +94,8 @@ class DraftConfig:
 
 @dataclass
 class DataConfig:
-    # Conversation files (JSON / JSONL, ShareGPT or OpenAI-messages shape) or "sharegpt" for the
-    # packaged ShareGPT dump.
+    # Conversation files (JSON / JSONL, ShareGPT or OpenAI-messages shape) or packaged sources
+    # (data/sources.py CONVERSATION_SOURCES: "sharegpt", "sharegpt:heldout", "gsm8k:train").
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     # When eval_files is empty, this fraction of the training conversations is held out.

@@ -268,12 +268,12 @@ def iter_file_records(path: str, bad: BadSamples) -> Iterator[tuple[Any, str]]:
 
 
 def read_conversations(paths: Iterable[str], bad: BadSamples) -> Iterator[Conversation]:
-    """Conversations from files and packaged sources (``sharegpt``, ``sharegpt:heldout``), in order."""
-    for path in paths:
-        if path in ("sharegpt", "sharegpt:train", "sharegpt:heldout"):
-            from specforge_mcore.data import sources
+    """Conversations from files and packaged sources (``sources.CONVERSATION_SOURCES``), in order."""
+    from specforge_mcore.data import sources
 
-            records = sources.sharegpt_records(heldout=path == "sharegpt:heldout", bad=bad)
+    for path in paths:
+        if sources.is_source(path):
+            records = sources.source_records(path, bad)
         else:
             records = iter_file_records(path, bad)
         for record, source in records:

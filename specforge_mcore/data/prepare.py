@@ -32,6 +32,7 @@ from typing import Optional
 from specforge_mcore.config import RunConfig
 from specforge_mcore.data.conversations import BadSamples, Conversation, SampleRejected, read_conversations
 from specforge_mcore.data.packing import PackedData, pack
+from specforge_mcore.data.sources import CONVERSATION_SOURCES, is_source, source_identity
 from specforge_mcore.data.tokenize import check_tokenizer_matches, pad_token_id, tokenize_conversations
 from specforge_mcore.errors import UserError
 from specforge_mcore.fileio import read_json, sha256_file, verify_manifest, write_manifest
@@ -89,9 +90,7 @@ def target_vocab_size(cfg: RunConfig) -> Optional[int]:
 
 
 def _file_identity(path: str) -> dict:
-    if path.startswith("sharegpt"):
-        from specforge_mcore.data.sources import source_identity
-
+    if is_source(path):
         return source_identity(path)
     if not os.path.isfile(path):
         raise UserError(f"data file {path} (data.train_files / data.eval_files, relative to {os.getcwd()}) does not "
@@ -185,7 +184,8 @@ def _tokenize_all(tokenizer, conversations: list[Conversation], cfg: RunConfig, 
 def _build(cfg: RunConfig, tokenizer) -> tuple[PackedData, PackedData, BadSamples]:
     data = cfg.data
     if not data.train_files:
-        raise UserError("data.train_files is empty: name JSON/JSONL conversation files or 'sharegpt'")
+        raise UserError("data.train_files is empty: name JSON/JSONL conversation files or packaged sources "
+                        f"({', '.join(CONVERSATION_SOURCES)})")
     if data.max_samples is not None and data.max_samples < 1:
         raise UserError(f"data.max_samples={data.max_samples}: must be at least 1 (or null for all)")
     bad = BadSamples(data.on_bad_sample)
@@ -266,7 +266,7 @@ def prepared_stats(cfg: RunConfig) -> Optional[tuple[dict, dict]]:
     if not path or not os.path.isdir(path):
         return None
     files = [*cfg.data.train_files, *cfg.data.eval_files]
-    if any(not p.startswith("sharegpt") and not os.path.isfile(p) for p in files):
+    if any(not is_source(p) and not os.path.isfile(p) for p in files):
         return None  # a data file not made yet (the demo's regenerated file before `make demo`)
     key, _ = cache_key(cfg, load_tokenizer(cfg))
     meta_path = os.path.join(cache_root(cfg), key, _COMPLETE)

@@ -8,7 +8,7 @@ and system turns are kept as they are; a trailing user turn without an answer st
 The contract (docs/design.md §12):
 
 * Input: whatever ``prepare-data`` reads (``conversations.read_conversations``: ShareGPT / OpenAI
-  messages in .json / .jsonl / .gz, the packaged ``sharegpt`` sources), with its bad-sample policy.
+  messages in .json / .jsonl / .gz, the packaged sources ``sharegpt``, ``gsm8k:train``, ...), with its bad-sample policy.
 * Ids: a record's own ``id``, else ``<file name>:<line>``; a repeat gets ``#2``, ``#3``. Ids are stable
   for the same input, which is what resuming relies on.
 * Output: chat JSONL, one record per line: ``{"id", "messages", "regen": {backend, model, temperature,
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from specforge_mcore.data.conversations import BadSamples, Conversation, read_conversations
 from specforge_mcore.data.regen_backends import Backend, EndpointBackend, Settings
+from specforge_mcore.data.sources import CONVERSATION_SOURCES, is_source
 from specforge_mcore.errors import UserError
 from specforge_mcore.fileio import fsync_path
 
@@ -53,7 +54,6 @@ WRITTEN = ("ok", "length")
 FINAL = ("empty", "refused")  # a rerun would get the same answer: not asked again
 SETTINGS_KEYS = ("backend", "model", "temperature", "top_p", "max_new_tokens", "seed", "thinking", "max_turns")
 FSYNC_SECONDS = 2.0
-SOURCES = ("sharegpt", "sharegpt:train", "sharegpt:heldout")  # the packaged sources read_conversations knows
 
 
 @dataclass
@@ -390,7 +390,7 @@ def summary_text(summary: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="conversation files as prepare-data reads them (ShareGPT or OpenAI messages; .json, "
-                             ".jsonl, .gz) or sharegpt / sharegpt:heldout")
+                             ".jsonl, .gz) or packaged sources: " + ", ".join(CONVERSATION_SOURCES))
     parser.add_argument("--output", "-o", required=True, help="chat JSONL to write (and to resume)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server (SGLang, vLLM): URL/v1/chat/completions")
@@ -428,8 +428,9 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.thinking, args.max_turns)
     settings.check()
     for path in args.inputs:  # before a model loads or a server is asked
-        if path not in SOURCES and not os.path.isfile(path):
-            raise UserError(f"input {path} does not exist; expected a conversation file or one of {', '.join(SOURCES)}")
+        if not is_source(path) and not os.path.isfile(path):
+            raise UserError(f"input {path} does not exist; expected a conversation file or one of "
+                            f"{', '.join(CONVERSATION_SOURCES)}")
     if args.endpoint:
         backend: Backend = EndpointBackend(args.endpoint, settings, model=args.model, concurrency=args.concurrency,
                                            max_retries=args.max_retries, timeout=args.timeout,

