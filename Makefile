@@ -33,11 +33,14 @@ targets:
 SF := $(VENV)/bin/specforge-mcore
 DEMO_CONFIG := configs/demo-smollm2.yaml
 DEMO_OUT := runs/demo-smollm2
-# The target's own answers: the first assistant turn of 800 ShareGPT conversations answered again by SmolLM2
-# (greedy, bf16), contexts of at most 288 tokens, answers of at most 224 (the training rows hold 512).
-# Resumable: a rerun of `make demo` continues it, or skips it when complete.
-DEMO_REGEN := regenerate sharegpt --target $(SMOLLM2) -o $(DEMO_OUT)/sharegpt-regen.jsonl --max-samples 800 \
-	--max-new-tokens 224 --max-turns 1 --max-context-tokens 288 --batch-size 32 --dtype bfloat16
+# The target's own answers (greedy, bf16), contexts of at most 288 tokens, answers of at most 224 (the training
+# rows hold 512): the first turn of 500 ShareGPT conversations, and 400 GSM8K questions of the training source
+# gsm8k:train (questions 500-899; `eval --prompts gsm8k` reads questions 0-499 only), so the draft learns both
+# the chat and the served kind of prompt. Resumable: a rerun of `make demo` continues them, or skips them.
+DEMO_REGEN_ARGS := --target $(SMOLLM2) --max-new-tokens 224 --max-turns 1 --max-context-tokens 288 --batch-size 32 \
+	--dtype bfloat16
+DEMO_REGEN_CHAT := regenerate sharegpt -o $(DEMO_OUT)/sharegpt-regen.jsonl --max-samples 500 $(DEMO_REGEN_ARGS)
+DEMO_REGEN_MATH := regenerate gsm8k:train -o $(DEMO_OUT)/gsm8k-regen.jsonl --max-samples 400 $(DEMO_REGEN_ARGS)
 # Speculative decoding of the export, fp32 target (exact, so the lossless check is token for token), 25
 # prompts decoded together (chains; each prompt gets what it gets alone), both cores (the demo's steps run
 # one after another; the automatic choice would count the finished training's load average).
@@ -48,7 +51,8 @@ DEMO_EVAL := --target $(SMOLLM2) --max-new-tokens 128 --batch-size 25 --spec-bat
 # writing the feature store, epochs 2+ from it) -> export -> speculative decoding against the untrained draft.
 demo:
 	$(SF) prepare-target smollm2 --out $(SMOLLM2)
-	$(SF) $(DEMO_REGEN)
+	$(SF) $(DEMO_REGEN_CHAT)
+	$(SF) $(DEMO_REGEN_MATH)
 	$(SF) prepare-data --config $(DEMO_CONFIG)
 	$(SF) build-vocab --config $(DEMO_CONFIG) --out $(DEMO_OUT)/vocab.safetensors
 	$(SF) train --config $(DEMO_CONFIG) --out $(DEMO_OUT) --overwrite data.vocab_file=$(DEMO_OUT)/vocab.safetensors
