@@ -34,12 +34,12 @@ SF := $(VENV)/bin/specforge-mcore
 DEMO_CONFIG := configs/demo-smollm2.yaml
 DEMO_OUT := runs/demo-smollm2
 # The target's own answers (greedy, bf16), contexts of at most 288 tokens, answers of at most 224 (the training
-# rows hold 512): the first turn of 500 ShareGPT conversations, and 400 GSM8K questions of the training source
+# rows hold 512): the first turn of 250 ShareGPT conversations, and 400 GSM8K questions of the training source
 # gsm8k:train (questions 500-899; `eval --prompts gsm8k` reads questions 0-499 only), so the draft learns both
 # the chat and the served kind of prompt. Resumable: a rerun of `make demo` continues them, or skips them.
 DEMO_REGEN_ARGS := --target $(SMOLLM2) --max-new-tokens 224 --max-turns 1 --max-context-tokens 288 --batch-size 32 \
 	--dtype bfloat16
-DEMO_REGEN_CHAT := regenerate sharegpt -o $(DEMO_OUT)/sharegpt-regen.jsonl --max-samples 500 $(DEMO_REGEN_ARGS)
+DEMO_REGEN_CHAT := regenerate sharegpt -o $(DEMO_OUT)/sharegpt-regen.jsonl --max-samples 250 $(DEMO_REGEN_ARGS)
 DEMO_REGEN_MATH := regenerate gsm8k:train -o $(DEMO_OUT)/gsm8k-regen.jsonl --max-samples 400 $(DEMO_REGEN_ARGS)
 # Speculative decoding of the export, fp32 target (exact, so the lossless check is token for token), 25
 # prompts decoded together (chains; each prompt gets what it gets alone), both cores (the demo's steps run
