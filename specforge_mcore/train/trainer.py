@@ -447,7 +447,8 @@ class Trainer:
                 "heldout_rows": len(heldout) if heldout is not None else 0,
                 "seconds": time.perf_counter() - start, "already_complete": already}
 
-    def _dump_split(self, train: bool) -> None:
+    def _dump_split(self, train: bool, progress: bool = True) -> None:
+        """Run the target over the rows of a split that its store lacks, then finish the store."""
         features = self.features
         writer = features.writer if train else features.heldout_writer
         if writer is None:
@@ -460,7 +461,7 @@ class Trainer:
         rounds = [order[i:i + per_round] for i in range(0, n - per_round + 1, per_round)]
         rounds += [order[n - per_round:]] if n % per_round and n >= per_round else []
         bar = tqdm(total=len(rounds), desc=f"dump-features ({'train' if train else 'held-out'})", unit="round",
-                   disable=not self.is_main or self.quiet, dynamic_ncols=True)
+                   disable=not self.is_main or self.quiet or not progress, dynamic_ncols=True)
         start, written = time.perf_counter(), 0
         with torch.no_grad():
             for number, rows in enumerate(rounds):
@@ -503,8 +504,11 @@ class Trainer:
             profiler.begin(self.step)
             start = time.perf_counter()
             metrics = self.train_step(timer)
-            if self.features is not None and self.step == self.steps_per_epoch:
-                self.features.end_of_epoch({r for k in range(self.steps_per_epoch) for r in self.step_rows(k).tolist()})
+            if self.features is not None and self.step == self.steps_per_epoch and self.features.writer is not None:
+                # The epoch's whole batches leave up to a batch of rows out (and a resume skips the steps before
+                # it): run the target over those too, so that later epochs and later runs never need it.
+                with timer("store_completion"):
+                    self._dump_split(True, progress=False)
             seconds = time.perf_counter() - start
             phases = timer.take()
             profiler.end(self.step, phases, seconds)

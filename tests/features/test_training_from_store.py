@@ -123,3 +123,28 @@ def test_a_caching_run_stores_its_held_out_rows_for_the_next_run(tmp_path):
     _, second = _run(tmp_path / "second", f"data.features={store}")
     assert not second["target_loaded"]
     assert _trained(second)[1][0] == [r["eval_loss"] for r in first["history"] if "eval_loss" in r][0]
+
+
+@pytest.mark.slow
+def test_rows_the_first_epoch_left_out_are_stored_at_its_end(tmp_path):
+    """7 rows in batches of 2: an epoch trains on 6 and leaves one out (another one each epoch). The end of
+    epoch 1 runs the target over the left-out row too, so the store is complete, no later step runs the
+    target, and the next run does not load it."""
+    store = tmp_path / "store"
+    cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path / 'first'}", "train.global_batch_size=2",
+                                            "train.max_steps=9", "train.eval_every=0", "train.save_every=0",
+                                            "train.plot=false", f"data.features={store}", "train.cache_features=true",
+                                            "data.features_dtype=float32"])
+    (first,) = spawn(train_worker, 1, config_to_dict(cfg), str(tmp_path / "first"), True)
+    steps = [r for r in first["history"] if "loss" in r]
+    assert len(steps) == 9 and first["target_loaded"]
+    epoch_rows = {r for s in steps[:3] for r in s["rows"]}
+    assert len(epoch_rows) == 6, "the first epoch trains on 6 of the 7 rows"
+    assert "store_completion" in steps[2]["phases"] and "store_completion" not in steps[1]["phases"]
+    assert sorted(int(r) for r in json.loads((store / "index.json").read_text())) == list(range(7))
+    assert all("target_forward" not in s["phases"] and "feature_read" in s["phases"] for s in steps[3:])
+    (second,) = spawn(train_worker, 1, config_to_dict(load_config("configs/tiny.yaml", [
+        f"train.out_dir={tmp_path / 'second'}", "train.global_batch_size=2", "train.max_steps=3", "train.eval_every=0",
+        "train.save_every=0", "train.plot=false", f"data.features={store}", "data.features_dtype=float32"])),
+        str(tmp_path / "second"), True)
+    assert not second["target_loaded"]
