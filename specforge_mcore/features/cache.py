@@ -86,8 +86,8 @@ class FeatureCache:
     def covers(self, rows: torch.Tensor, train: bool = True) -> bool:
         """Whether every row of a round (all ranks' rows: every rank decides alike, so the model-parallel
         group runs the target together or not at all) of the training (or held-out) split is in a complete
-        store. An epoch's order can bring rows the first epoch left out of its last, partial batch: those
-        rounds run the target."""
+        store. A caching run stores the rows its first epoch left out at the end of that epoch
+        (``Trainer._dump_split``); a store that could not be finished leaves those rounds to the target."""
         reader = self._split(train)[0]
         return reader is not None and all(r in reader.index for r in rows.tolist())
 
